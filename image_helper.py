@@ -1,0 +1,196 @@
+"""Image data for the federation: loading as device tensors, client splits, DBA triggers.
+
+All images are float tensors in [0, 1] of shape (N, C, H, W), kept on the run's device; clients
+own index tensors into the training set and batches are taken by indexing.
+"""
+
+import gzip
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from config import image_shape
+
+logger = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar": "CIFAR10"}
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found or fetched; the message says how to get it."""
+
+
+@dataclass
+class FederatedData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    client_indices: list  # one LongTensor of training-set indices per client
+    image_shape: tuple
+    num_classes: int
+
+    def client_batch(self, client_id, idx):
+        """Images and labels of a client's local samples at positions ``idx``."""
+        rows = self.client_indices[client_id][idx]
+        return self.train_x[rows], self.train_y[rows]
+
+
+def _copy_debian_fashion_mnist(root):
+    """Decompress Debian's Fashion-MNIST idx files into the raw/ folder torchvision reads.
+
+    Debian recompressed the .gz files, so torchvision's md5 check would reject them as they are.
+    """
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for name in os.listdir(DEBIAN_FASHION_MNIST):
+        if name.endswith(".gz"):
+            with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
+                    open(os.path.join(raw, name[:-3]), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    logger.info("copied Fashion-MNIST from %s into %s", DEBIAN_FASHION_MNIST, raw)
+
+
+def _torchvision_split(kind, root, train):
+    from torchvision import datasets
+
+    cls = getattr(datasets, TORCHVISION_CLASSES[kind])
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass
+    if kind == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
+        _copy_debian_fashion_mnist(root)
+        return cls(root, train=train, download=False)
+    try:
+        return cls(root, train=train, download=True)
+    except Exception as e:
+        hint = (" Offline, Fashion-MNIST comes from Debian: `apt-get install dataset-fashion-mnist`."
+                if kind == "fashion_mnist" else "")
+        raise DataError(
+            f"{TORCHVISION_CLASSES[kind]} is not in '{root}' and could not be downloaded ({e}). "
+            f"Run once with internet access so torchvision downloads it into '{root}', or copy the "
+            f"dataset's files there (data_dir in the YAML).{hint}"
+        ) from None
+
+
+def _as_tensors(ds):
+    data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
+    x = data.float().div_(255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+    y = torch.as_tensor(ds.targets, dtype=torch.long)
+    return x, y
+
+
+def make_synthetic(shape, num_classes, n_train, n_test, seed):
+    """A seeded, learnable dataset: each class is a random prototype image plus uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand((num_classes, *shape), generator=g)
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        x = 0.6 * prototypes[y] + 0.4 * torch.rand((n, *shape), generator=g)
+        return x, y
+
+    return (*sample(n_train), *sample(n_test))
+
+
+def load_arrays(params):
+    """Train and test images/labels as CPU tensors."""
+    kind = params["type"]
+    if kind == "synthetic":
+        shape, classes = image_shape(params)
+        return make_synthetic(shape, classes, params["synthetic_train_size"],
+                              params["synthetic_test_size"], params["seed"])
+    root = params["data_dir"]
+    train_x, train_y = _as_tensors(_torchvision_split(kind, root, True))
+    test_x, test_y = _as_tensors(_torchvision_split(kind, root, False))
+    return train_x, train_y, test_x, test_y
+
+
+def dirichlet_split(labels, n_clients, alpha, rng):
+    """Split sample indices over clients, class by class, with Dirichlet(alpha) proportions.
+
+    Every index is assigned to exactly one client.
+    """
+    labels = np.asarray(labels)
+    per_client = [[] for _ in range(n_clients)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        proportions = rng.dirichlet(np.full(n_clients, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(int)
+        for client, part in enumerate(np.split(idx, cuts)):
+            per_client[client].extend(part.tolist())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in per_client]
+
+
+def iid_split(n_samples, n_clients, rng):
+    return [np.sort(part) for part in np.array_split(rng.permutation(n_samples), n_clients)]
+
+
+def load_federated_data(params, device):
+    train_x, train_y, test_x, test_y = load_arrays(params)
+    rng = np.random.default_rng(params["seed"])
+    n = params["number_of_total_participants"]
+    if params["sampling_dirichlet"]:
+        splits = dirichlet_split(train_y.numpy(), n, params["dirichlet_alpha"], rng)
+    else:
+        splits = iid_split(len(train_y), n, rng)
+    shape, classes = tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max())) + 1
+    expected_shape, expected_classes = image_shape(params)
+    if shape != tuple(expected_shape) or classes > expected_classes:
+        raise DataError(f"{params['type']}: data has shape {shape} and {classes} classes, "
+                        f"expected {tuple(expected_shape)} and {expected_classes}")
+    logger.info("data: %d train / %d test images of shape %s; client sizes min %d, median %d, max %d",
+                len(train_y), len(test_y), shape, min(map(len, splits)),
+                int(np.median([len(s) for s in splits])), max(map(len, splits)))
+    return FederatedData(
+        train_x=train_x.to(device), train_y=train_y.to(device),
+        test_x=test_x.to(device), test_y=test_y.to(device),
+        client_indices=[torch.as_tensor(s, device=device) for s in splits],
+        image_shape=shape, num_classes=expected_classes,
+    )
+
+
+def trigger_pixels(params, index):
+    """Pixels of local trigger ``index``; ``-1`` is the global trigger (union of all local ones)."""
+    if index == -1:
+        return [p for k in range(params["trigger_num"]) for p in params[f"{k}_poison_pattern"]]
+    return params[f"{index}_poison_pattern"]
+
+
+def trigger_name(index):
+    """Name of a trigger in the metrics: "global" for -1, else "trigger_<index>"."""
+    return "global" if index == -1 else f"trigger_{index}"
+
+
+def trigger_mask(pixels, height, width, device=None):
+    """Boolean (H, W) mask that is true at the trigger's pixels."""
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    rows, cols = zip(*pixels)
+    mask[list(rows), list(cols)] = True
+    return mask
+
+
+def stamp(x, mask):
+    """Copy of images ``x`` (N, C, H, W) with the masked pixels set to 1.0 in every channel."""
+    return x.masked_fill(mask, 1.0)
+
+
+def poison_batch(x, y, mask, n_poison, target):
+    """Stamp the first ``n_poison`` samples of a batch and relabel them ``target``."""
+    x, y = x.clone(), y.clone()
+    x[:n_poison] = stamp(x[:n_poison], mask)
+    y[:n_poison] = target
+    return x, y
+
+
+def attacker_trigger_index(params, attacker_slot):
+    """Which trigger attacker ``attacker_slot`` stamps: its own local bar, or the global trigger
+    when there is a single attacker (as in the reference)."""
+    return -1 if len(params["adversary_list"]) == 1 else attacker_slot

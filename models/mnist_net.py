@@ -1,0 +1,32 @@
+"""MnistNet of the DBA/FLIP reference: two 5x5 conv + max-pool stages and two linear layers.
+
+Parameter names match the reference checkpoints (conv1, conv2, fc1, fc2) so they load directly.
+The reference returns log-probabilities; we return logits, which give the same softmax and the
+same cross-entropy.
+"""
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _after_conv_pool(size):
+    """Spatial size after conv(5) + maxpool(2), twice."""
+    return ((size - 4) // 2 - 4) // 2
+
+
+class MnistNet(nn.Module):
+    def __init__(self, channels=1, height=28, width=28, num_classes=10):
+        super().__init__()
+        h, w = _after_conv_pool(height), _after_conv_pool(width)
+        if h < 1 or w < 1:
+            raise ValueError(f"MnistNet needs inputs of at least 16x16, got {height}x{width}")
+        self.conv1 = nn.Conv2d(channels, 20, 5, 1)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.fc1 = nn.Linear(50 * h * w, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)

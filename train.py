@@ -1,0 +1,178 @@
+"""The federated round loop: choose clients, train them, aggregate, evaluate, record, checkpoint."""
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import defense
+import helper
+import image_train
+import test
+from config import attacker_rounds
+from image_helper import (attacker_trigger_index, load_federated_data, trigger_mask, trigger_name,
+                          trigger_pixels)
+from models import build_model
+
+logger = logging.getLogger(__name__)
+
+CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted"]
+FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success"]
+
+
+def metric_columns(params):
+    cols = ["round", "main_acc", "backdoor_acc", "main_acc_raw", "backdoor_acc_raw",
+            "rejected_frac", "backdoor_rejected_frac"]
+    for k in range(params["trigger_num"]):
+        cols += [f"ba_trigger_{k}", f"ba_trigger_{k}_raw"]
+    cols += ["attackers_selected", "attackers_rejected", "benign_rejected"]
+    if params["invert"]:
+        cols += FLIP_COLUMNS
+    return cols + ["seconds"]
+
+
+def choose_participants(params, round_no, schedule):
+    """The attackers scheduled for this round, then random others (benign clients and the
+    attackers not scheduled now) up to `no_models`; seeded by (seed, round)."""
+    scheduled = [adv for adv, rounds in zip(params["adversary_list"], schedule)
+                 if params["is_poison"] and round_no in rounds]
+    pool = sorted(set(range(params["number_of_total_participants"])) - set(scheduled))
+    rng = np.random.default_rng(helper.derived_seed(params["seed"], round_no, helper.STREAM_SELECTION))
+    others = rng.choice(pool, params["no_models"] - len(scheduled), replace=False)
+    return scheduled + [int(c) for c in others]
+
+
+class Federation:
+    """Everything a run holds between rounds; ``state()`` is what the full checkpoint stores."""
+
+    def __init__(self, params, run_dir, device):
+        self.params, self.run_dir, self.device = params, run_dir, device
+        torch.manual_seed(params["seed"])
+        self.data = load_federated_data(params, device)
+        self.model = build_model(params["model"], self.data.image_shape, self.data.num_classes).to(device)
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.first_round = 1
+        if params["resumed_model"]:
+            epoch = helper.load_reference_checkpoint(params["resumed_model_name"], self.model)
+            self.first_round = epoch + 1
+            logger.info("loaded %s (round %d)", params["resumed_model_name"], epoch)
+        self.model.to(device)
+        self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.client_states = {}
+        self.last_round = self.first_round - 1
+        _, h, w = self.data.image_shape
+        indices = [-1] + list(range(params["trigger_num"])) if params["trigger_num"] else []
+        self.triggers = {trigger_name(k): trigger_mask(trigger_pixels(params, k), h, w, device) for k in indices}
+        self.schedule = attacker_rounds(params, self.first_round) if params["is_poison"] else []
+        for k, rounds in enumerate(self.schedule):
+            params[f"{k}_poison_epochs"] = rounds
+        self.benign_trainer = self._make_benign_trainer()
+
+    def _make_benign_trainer(self):
+        if not self.params["invert"]:
+            return lambda model, cid, gen: image_train.benign_train(model, self.data, cid, self.params, gen)
+        import invert
+
+        return lambda model, cid, gen: invert.flip_train(
+            model, self.data, cid, self.params, gen, self.client_states.setdefault(cid, {}))
+
+    def state(self):
+        return {"round": self.last_round, "first_round": self.first_round,
+                "global_state": self.global_state, "client_states": self.client_states,
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, ckpt):
+        self.last_round, self.first_round = ckpt["round"], ckpt["first_round"]
+        self.global_state = {k: v.to(self.device) for k, v in ckpt["global_state"].items()}
+        self.client_states = ckpt["client_states"]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def train_client(self, cid, round_no):
+        """Train client ``cid`` from the global model; returns (update, n_samples, poisoned)."""
+        params = self.params
+        self.model.load_state_dict(self.global_state)
+        gen = helper.generator("cpu", params["seed"], round_no, helper.STREAM_CLIENT, cid)
+        slot = params["adversary_list"].index(cid) if cid in params["adversary_list"] else None
+        poisoned = slot is not None and params["is_poison"] and round_no in self.schedule[slot]
+        if poisoned:
+            trigger = self.triggers[trigger_name(attacker_trigger_index(params, slot))]
+            n = image_train.poison_train(self.model, self.data, cid, trigger, params, gen)
+        else:
+            n = self.benign_trainer(self.model, cid, gen)
+        update = image_train.state_difference(self.model.state_dict(), self.global_state)
+        if poisoned and not params["baseline"]:
+            update = image_train.scale_update(update, params["scale_weights_poison"])
+        return update, n, poisoned
+
+    def run_round(self, round_no):
+        """One round; returns (metrics row, client rows)."""
+        params = self.params
+        participants = choose_participants(params, round_no, self.schedule)
+        logger.info("round %d: clients %s", round_no, participants)
+        updates, n_samples, poisoned = [], [], []
+        flip_stats = []
+        for cid in tqdm(participants, desc=f"round {round_no}", leave=False, disable=None):
+            u, n, p = self.train_client(cid, round_no)
+            updates.append(u)
+            n_samples.append(n)
+            poisoned.append(p)
+            if params["invert"] and not p:
+                flip_stats.append(self.client_states.get(cid, {}).get("last_stats"))
+        ctx = defense.RoundContext(params, self.trainable, helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER))
+        result = defense.aggregate(self.global_state, updates, n_samples, ctx)
+        self.global_state = result.state
+        self.model.load_state_dict(self.global_state)
+        row = {"round": round_no, **test.evaluate(self.model, self.data, params, self.triggers)}
+        row["attackers_selected"] = sum(poisoned)
+        row["attackers_rejected"] = sum(p and not a for p, a in zip(poisoned, result.admitted))
+        row["benign_rejected"] = sum(not p and not a for p, a in zip(poisoned, result.admitted))
+        if params["invert"]:
+            import invert
+
+            row.update(invert.summarize_round(flip_stats))
+        norms = [float(defense.flatten(u, self.trainable).norm()) for u in updates]
+        client_rows = [{"round": round_no, "client_id": cid, "is_attacker": int(p), "n_samples": n,
+                        "update_norm": round(norm, 6), "admitted": int(a)}
+                       for cid, p, n, norm, a in zip(participants, poisoned, n_samples, norms, result.admitted)]
+        return row, client_rows
+
+
+def run(params, run_dir, device, resume=False):
+    """Run (or resume) an experiment in ``run_dir``; returns the summary dict."""
+    fed = Federation(params, run_dir, device)
+    ckpt_path = os.path.join(run_dir, helper.FULL_CHECKPOINT)
+    if resume:
+        fed.restore(torch.load(ckpt_path, map_location="cpu", weights_only=False))
+        logger.info("resuming after round %d", fed.last_round)
+    else:
+        helper.write_params(run_dir, params)
+    keep = fed.last_round if resume else None
+    metrics = helper.CsvLog(os.path.join(run_dir, "metrics.csv"), metric_columns(params), keep)
+    clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, keep)
+    metrics_path = metrics.path
+    rounds = range(fed.last_round + 1, params["epochs"] + 1)
+    for round_no in tqdm(rounds, desc="rounds", disable=None):
+        start = time.perf_counter()
+        row, client_rows = fed.run_round(round_no)
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        fed.last_round = round_no
+        metrics.append([row])
+        clients.append(client_rows)
+        logger.info("round %d: MA %.2f%% BA %.2f%% (raw MA %.2f%% BA %.2f%%, rejected %.3f) in %.1fs",
+                    round_no, row["main_acc"], row["backdoor_acc"], row["main_acc_raw"],
+                    row["backdoor_acc_raw"], row["rejected_frac"], row["seconds"])
+        if params["save_model"] and (round_no in params["save_on_epochs"] or round_no == params["epochs"]):
+            helper.save_reference_checkpoint(os.path.join(run_dir, f"model_last.pt.tar.epoch_{round_no}"),
+                                             fed.global_state, round_no, params["lr"])
+        helper.save_atomic(fed.state(), ckpt_path)
+    helper.plot_metrics(metrics_path, os.path.join(run_dir, "metrics.png"),
+                        f"{params['type']} · {params['aggregation_methods']}"
+                        f"{' + FLIP' if params['invert'] else ''}")
+    return helper.write_summary(run_dir, metrics_path, {
+        "dataset": params["type"], "aggregation": params["aggregation_methods"],
+        "invert": params["invert"], "attack_mode": params["attack_mode"],
+        "is_poison": params["is_poison"], "first_round": fed.first_round, "rounds": params["epochs"],
+    })
