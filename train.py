@@ -23,10 +23,15 @@ CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm
 FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success"]
 
 
+def local_trigger_count(params):
+    """Per-trigger BA is measured in attacked runs only; a clean run reports the global trigger."""
+    return params["trigger_num"] if params["is_poison"] else 0
+
+
 def metric_columns(params):
     cols = ["round", "main_acc", "backdoor_acc", "main_acc_raw", "backdoor_acc_raw",
             "rejected_frac", "backdoor_rejected_frac"]
-    for k in range(params["trigger_num"]):
+    for k in range(local_trigger_count(params)):
         cols += [f"ba_trigger_{k}", f"ba_trigger_{k}_raw"]
     cols += ["attackers_selected", "attackers_rejected", "benign_rejected"]
     if params["invert"]:
@@ -64,7 +69,7 @@ class Federation:
         self.client_states = {}
         self.last_round = self.first_round - 1
         _, h, w = self.data.image_shape
-        indices = [-1] + list(range(params["trigger_num"])) if params["trigger_num"] else []
+        indices = [-1] + list(range(local_trigger_count(params))) if params["trigger_num"] else []
         self.triggers = {trigger_name(k): trigger_mask(trigger_pixels(params, k), h, w, device) for k in indices}
         self.schedule = attacker_rounds(params, self.first_round) if params["is_poison"] else []
         for k, rounds in enumerate(self.schedule):

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+import defense
+from image_train import scale_update
+
+
+def ctx(**params):
+    base = {"lr_para": 0.1, "no_models": 3, "flame_lambda": 0.0, "flame_whole_state_dict": False,
+            "aggregation_methods": "mean"}
+    base.update(params)
+    return defense.RoundContext(base, ["w", "b"], torch.Generator().manual_seed(0))
+
+
+def test_fedavg_is_global_plus_lr_para_over_no_models_times_sum():
+    g = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5]), "n": torch.tensor(7)}
+    ups = [{"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([1.0]), "n": torch.tensor(1)},
+           {"w": torch.tensor([0.0, 6.0]), "b": torch.tensor([2.0]), "n": torch.tensor(1)},
+           {"w": torch.tensor([-3.0, 3.0]), "b": torch.tensor([0.0]), "n": torch.tensor(1)}]
+    out = defense.fedavg(g, ups, [10, 20, 30], ctx())
+    # sum w = [0, 9], b = 3; coefficient 0.1 / 3
+    assert torch.allclose(out.state["w"], torch.tensor([1.0, 2.3]))
+    assert torch.allclose(out.state["b"], torch.tensor([0.6]))
+    assert int(out.state["n"]) == 7  # integer buffers keep the global value
+    assert out.admitted == [True, True, True]
+
+
+def test_weighted_fedavg_uses_sample_counts():
+    g = {"w": torch.zeros(1), "b": torch.zeros(1)}
+    ups = [{"w": torch.tensor([6.0]), "b": torch.zeros(1)}, {"w": torch.tensor([0.0]), "b": torch.zeros(1)}]
+    out = defense.weighted_fedavg(g, ups, [1, 2], ctx(lr_para=1.0))
+    assert torch.allclose(out.state["w"], torch.tensor([2.0]))
+
+
+def test_model_replacement_scales_float_entries_by_factor():
+    g = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(3)}
+    local = {"w": torch.tensor([1.5, 0.0]), "n": torch.tensor(4)}
+    update = {k: local[k] - g[k] for k in g}
+    scaled = scale_update(update, 100)
+    assert torch.allclose(g["w"] + scaled["w"], g["w"] + 100 * (local["w"] - g["w"]))
+    assert torch.allclose(scaled["w"], torch.tensor([50.0, -100.0]))
+    assert int(scaled["n"]) == 1
+
+
+def _benign_updates(n, dim, seed=0):
+    """A shared direction plus a small step along a distinct axis each: all pairwise distances
+    equal, so HDBSCAN's single-cluster labelling keeps every one of them."""
+    base = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+    base[:n] = 0.0  # orthogonal to the distinct axes, so norms and pairwise angles are equal
+    return [base + 0.1 * torch.eye(dim)[i] for i in range(n)]
+
+
+def _as_states(vectors):
+    return [{"w": v[:-1].clone(), "b": v[-1:].clone()} for v in vectors]
+
+
+def test_flame_rejects_scaled_and_flipped_updates_and_clips_to_median():
+    dim = 50
+    vecs = _benign_updates(8, dim)
+    vecs.append(100 * _benign_updates(1, dim, seed=5)[0])  # x100 outlier in its own direction
+    vecs.append(-vecs[0])                                          # direction-flipped
+    g = {"w": torch.zeros(dim - 1), "b": torch.zeros(1)}
+    out = defense.flame(g, _as_states(vecs), [1] * 10, ctx(no_models=10))
+    assert out.admitted == [True] * 8 + [False, False]
+    norms = torch.stack([v.double().norm() for v in vecs])
+    assert out.stats["flame_clip_bound"] == pytest.approx(float(norms.median()))
+    # no noise (lambda 0): the result is the mean of the admitted updates clipped to the median
+    bound = norms.median()
+    expected = sum(v.double() * min(1.0, float(bound / v.double().norm())) for v in vecs[:8]) / 8
+    got = torch.cat([out.state["w"], out.state["b"]]).double()
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_flame_noise_has_configured_scale():
+    dim = 20001
+    vecs = [torch.zeros(dim) + 0.01 * i for i in range(1, 5)]
+    g = {"w": torch.zeros(dim - 1), "b": torch.zeros(1)}
+    lam = 0.5
+    out = defense.flame(g, _as_states(vecs), [1] * 4, ctx(flame_lambda=lam, no_models=4))
+    bound = out.stats["flame_clip_bound"]
+    mean = sum(v.double() * min(1.0, bound / float(v.double().norm())) for v in vecs) / 4
+    residual = torch.cat([out.state["w"], out.state["b"]]).double() - mean
+    assert float(residual.std()) == pytest.approx(lam * bound, rel=0.03)
+    assert abs(float(residual.mean())) < 0.05 * lam * bound
+
+
+def test_flame_degenerate_cases_admit_everyone_without_crashing(caplog):
+    g = {"w": torch.zeros(3), "b": torch.zeros(1)}
+    same = [{"w": torch.ones(3), "b": torch.ones(1)} for _ in range(4)]
+    assert defense.flame(g, same, [1] * 4, ctx()).admitted == [True] * 4
+    one = defense.flame(g, same[:1], [1], ctx())
+    assert one.admitted == [True]
+    assert torch.allclose(one.state["w"], torch.ones(3))
+    assert "identical" in caplog.text and "nothing to cluster" in caplog.text
+
+
+def test_largest_cluster_all_noise_fallback():
+    d = torch.tensor(np.array([[0.0, 1.0], [1.0, 0.0]]))
+    assert defense.largest_cluster(d).tolist() in ([True, True], [True, False], [False, True])

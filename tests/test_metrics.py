@@ -1,0 +1,48 @@
+import torch
+import torch.nn as nn
+
+from image_helper import FederatedData, trigger_mask
+from test import evaluate, score
+
+
+class PixelRule(nn.Module):
+    """Hand-made classifier: predicts class 2 with confidence ~0.9 when pixel (0, 0) is 1;
+    otherwise class 0 with confidence 0.5 (logits 0 vs -inf-ish split between two classes)."""
+
+    def forward(self, x):
+        hit = (x[:, 0, 0, 0] == 1.0).float()
+        logits = torch.full((len(x), 3), -20.0)
+        logits[:, 2] = hit * 5.0 - (1 - hit) * 20.0
+        logits[:, 0] = (1 - hit) * 0.0 + hit * (5.0 - 2.2)
+        logits[:, 1] = (1 - hit) * 0.0 - hit * 20.0
+        return logits
+
+
+def _data():
+    test_x = torch.zeros(10, 1, 4, 4)
+    test_y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    return FederatedData(test_x, test_y, test_x, test_y, [], (1, 4, 4), 3)
+
+
+def test_score_counts_rejected_as_wrong():
+    pred = torch.tensor([1, 1, 0, 0])
+    conf = torch.tensor([0.9, 0.3, 0.8, 0.5])
+    labels = torch.tensor([1, 1, 1, 0])
+    raw, acc, rejected = score(pred, conf, labels, 0.4)
+    assert float(raw) == 75.0 and float(acc) == 50.0 and float(rejected) == 0.25
+
+
+def test_ma_and_ba_with_and_without_threshold():
+    params = {"confidence_threshold": 0.0, "test_batch_size": 3, "poison_label_swap": 2}
+    triggers = {"global": trigger_mask([[0, 0]], 4, 4), "trigger_0": trigger_mask([[3, 3]], 4, 4)}
+    m = evaluate(PixelRule(), _data(), params, triggers)
+    # clean: predicts 0 (confidence 0.5) everywhere -> 6 of 10 correct
+    assert m["main_acc_raw"] == 60.0 and m["main_acc"] == 60.0 and m["rejected_frac"] == 0.0
+    # BA on the 8 non-target images: the global trigger hits pixel (0, 0) -> all predicted 2
+    assert m["backdoor_acc_raw"] == 100.0 and m["backdoor_acc"] == 100.0
+    # local trigger 0 does not touch pixel (0, 0) -> no backdoor
+    assert m["ba_trigger_0_raw"] == 0.0
+    params["confidence_threshold"] = 0.6
+    m = evaluate(PixelRule(), _data(), params, triggers)
+    assert m["main_acc_raw"] == 60.0 and m["main_acc"] == 0.0 and m["rejected_frac"] == 1.0
+    assert m["backdoor_acc"] == 100.0 and m["backdoor_rejected_frac"] == 0.0

@@ -1,0 +1,116 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+import train
+from conftest import run_main
+
+
+def read_metrics(run_dir, drop=("seconds",)):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def test_three_round_run_writes_all_outputs(tmp_path, synthetic_yaml):
+    run_dir = tmp_path / "run"
+    result = run_main("--params", synthetic_yaml(), "--run-dir", run_dir, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("params.yaml", "log.txt", "metrics.csv", "clients.csv", "summary.json", "metrics.png",
+                 "checkpoint_full.pt", "model_last.pt.tar.epoch_2", "model_last.pt.tar.epoch_3"):
+        assert (run_dir / name).stat().st_size > 0, name
+    rows = read_metrics(run_dir, drop=())
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    for col in ("main_acc", "backdoor_acc", "main_acc_raw", "backdoor_acc_raw", "rejected_frac",
+                "ba_trigger_0", "ba_trigger_1_raw", "seconds"):
+        assert col in rows[0]
+    assert [int(r["attackers_selected"]) for r in rows] == [0, 1, 1]
+    # the x100 model replacement in round 2 takes the backdoor to (near) 100 %
+    assert float(rows[1]["backdoor_acc_raw"]) > 90.0
+    with open(run_dir / "clients.csv") as f:
+        clients = list(csv.DictReader(f))
+    assert len(clients) == 3 * 4
+    attackers = [c for c in clients if c["is_attacker"] == "1"]
+    assert [(c["round"], c["client_id"]) for c in attackers] == [("2", "5"), ("3", "7")]
+    benign_norms = [float(c["update_norm"]) for c in clients if c["is_attacker"] == "0" and c["round"] == "2"]
+    assert float(attackers[0]["update_norm"]) > 20 * max(benign_norms)
+    ckpt = torch.load(run_dir / "model_last.pt.tar.epoch_2", weights_only=False)
+    assert set(ckpt) == {"state_dict", "epoch", "lr"} and ckpt["epoch"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["last_round"]["round"] == 3.0
+    assert summary["peak_backdoor_acc_raw"] == max(float(r["backdoor_acc_raw"]) for r in rows)
+    assert yaml.safe_load((run_dir / "params.yaml").read_text())["0_poison_epochs"] == [2]
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(tmp_path, synthetic_yaml):
+    path = synthetic_yaml({"epochs": 2})
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = run_main("--params", path, "--run-dir", tmp_path / name, "--device", "cpu", "--set", f"seed={seed}")
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") != read_metrics(tmp_path / "c")
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkeypatch):
+    path = synthetic_yaml({"epochs": 4})
+    full = tmp_path / "full"
+    assert run_main("--params", path, "--run-dir", full, "--device", "cpu").returncode == 0
+
+    import config
+
+    params = config.load_config(path)
+    killed = tmp_path / "killed"
+    os.makedirs(killed)
+    original = train.Federation.run_round
+
+    def dies_in_round_3(self, round_no):
+        if round_no == 3:
+            raise KeyboardInterrupt
+        return original(self, round_no)
+
+    monkeypatch.setattr(train.Federation, "run_round", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params, str(killed), "cpu")
+    monkeypatch.undo()
+    assert len(read_metrics(killed)) == 2
+    result = run_main("--resume", killed, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_metrics(killed) == read_metrics(full)
+    with open(killed / "clients.csv") as a, open(full / "clients.csv") as b:
+        assert a.read() == b.read()
+
+
+def test_resumed_model_checkpoint_sets_first_round(tmp_path, synthetic_yaml):
+    first = tmp_path / "first"
+    assert run_main("--params", synthetic_yaml({"epochs": 2, "is_poison": False}), "--run-dir", first,
+                    "--device", "cpu").returncode == 0
+    ckpt = first / "model_last.pt.tar.epoch_2"
+    second = tmp_path / "second"
+    result = run_main("--params", synthetic_yaml({"epochs": 4, "resumed_model": True,
+                                                  "resumed_model_name": str(ckpt), "0_poison_epochs": [3],
+                                                  "1_poison_epochs": [4]}),
+                      "--run-dir", second, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [int(r["round"]) for r in read_metrics(second)] == [3, 4]
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def test_real_fashion_mnist_fedavg_learns(tmp_path):
+    """A few FedAvg rounds from scratch on the real Fashion-MNIST (Debian's copy; .ci/run
+    installs it). IID clients and plain averaging (lr_para 1) so that a few rounds suffice."""
+    assert os.path.isdir(FMNIST) or os.path.isdir("data/FashionMNIST/raw"), \
+        "Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
+    run_dir = tmp_path / "fmnist"
+    result = run_main("--params", "utils/fashion_mnist.yaml", "--run-dir", run_dir, "--device", "cpu",
+                      "--set", "resumed_model=false", "--set", "is_poison=false", "--set", "invert=false",
+                      "--set", "epochs=5", "--set", "lr_para=1.0", "--set", "sampling_dirichlet=false",
+                      "--set", "internal_epochs=2", "--set", "lr=0.05", "--set", f"data_dir={tmp_path / 'data'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(run_dir)
+    assert float(rows[-1]["main_acc"]) > 70.0
+    assert float(rows[-1]["backdoor_acc"]) < 30.0
