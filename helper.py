@@ -1,9 +1,11 @@
-"""Run bookkeeping: logging, seeding, checkpoints, the CSV/JSON records and the plot."""
+"""Run bookkeeping: logging, seeding, timing, checkpoints, the CSV/JSON records and the plot."""
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -38,6 +40,28 @@ def derived_seed(*keys):
 
 def generator(device, *keys):
     return torch.Generator(device=device).manual_seed(derived_seed(*keys))
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per named phase (synchronising CUDA so that GPU work counts)."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def save_reference_checkpoint(path, state_dict, epoch, lr):

@@ -68,21 +68,13 @@ class Federation:
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.client_states = {}
         self.last_round = self.first_round - 1
+        self.timer = helper.PhaseTimer(device)
         _, h, w = self.data.image_shape
         indices = [-1] + list(range(local_trigger_count(params))) if params["trigger_num"] else []
         self.triggers = {trigger_name(k): trigger_mask(trigger_pixels(params, k), h, w, device) for k in indices}
         self.schedule = attacker_rounds(params, self.first_round) if params["is_poison"] else []
         for k, rounds in enumerate(self.schedule):
             params[f"{k}_poison_epochs"] = rounds
-        self.benign_trainer = self._make_benign_trainer()
-
-    def _make_benign_trainer(self):
-        if not self.params["invert"]:
-            return lambda model, cid, gen: image_train.benign_train(model, self.data, cid, self.params, gen)
-        import invert
-
-        return lambda model, cid, gen: invert.flip_train(
-            model, self.data, cid, self.params, gen, self.client_states.setdefault(cid, {}))
 
     def state(self):
         return {"round": self.last_round, "first_round": self.first_round,
@@ -95,42 +87,64 @@ class Federation:
         self.client_states = ckpt["client_states"]
         torch.set_rng_state(ckpt["torch_rng"])
 
-    def train_client(self, cid, round_no):
-        """Train client ``cid`` from the global model; returns (update, n_samples, poisoned)."""
+    def client_seed(self, round_no, cid):
+        return helper.derived_seed(self.params["seed"], round_no, helper.STREAM_CLIENT, cid)
+
+    def is_poisoning(self, cid, round_no):
+        params = self.params
+        return (params["is_poison"] and cid in params["adversary_list"]
+                and round_no in self.schedule[params["adversary_list"].index(cid)])
+
+    def train_attacker(self, cid, round_no):
+        """DBA poisoned training from the global model; returns (update, n_samples)."""
         params = self.params
         self.model.load_state_dict(self.global_state)
-        gen = helper.generator("cpu", params["seed"], round_no, helper.STREAM_CLIENT, cid)
-        slot = params["adversary_list"].index(cid) if cid in params["adversary_list"] else None
-        poisoned = slot is not None and params["is_poison"] and round_no in self.schedule[slot]
-        if poisoned:
-            trigger = self.triggers[trigger_name(attacker_trigger_index(params, slot))]
-            n = image_train.poison_train(self.model, self.data, cid, trigger, params, gen)
-        else:
-            n = self.benign_trainer(self.model, cid, gen)
+        gen = torch.Generator().manual_seed(self.client_seed(round_no, cid))
+        trigger = self.triggers[trigger_name(attacker_trigger_index(params, params["adversary_list"].index(cid)))]
+        n = image_train.poison_train(self.model, self.data, cid, trigger, params, gen)
         update = image_train.state_difference(self.model.state_dict(), self.global_state)
-        if poisoned and not params["baseline"]:
+        if not params["baseline"]:
             update = image_train.scale_update(update, params["scale_weights_poison"])
-        return update, n, poisoned
+        return update, n
+
+    def train_benign(self, cids, round_no):
+        """Benign local training of ``cids``: plain SGD, or FLIP when `invert` is on (all of
+        the round's benign clients together). Returns a list of (update, n_samples, flip stats)."""
+        seeds = [self.client_seed(round_no, cid) for cid in cids]
+        if self.params["invert"]:
+            import invert
+
+            results = invert.flip_round(self.model, self.global_state, self.data, cids, self.params,
+                                        self.client_states, seeds, self.device, self.timer)
+            return [(image_train.state_difference(state, self.global_state), n, stats)
+                    for state, n, stats in results]
+        out = []
+        for cid, seed in zip(tqdm(cids, desc=f"round {round_no}", leave=False, disable=None), seeds):
+            self.model.load_state_dict(self.global_state)
+            n = image_train.benign_train(self.model, self.data, cid, self.params, torch.Generator().manual_seed(seed))
+            out.append((image_train.state_difference(self.model.state_dict(), self.global_state), n, None))
+        return out
 
     def run_round(self, round_no):
         """One round; returns (metrics row, client rows)."""
         params = self.params
         participants = choose_participants(params, round_no, self.schedule)
         logger.info("round %d: clients %s", round_no, participants)
-        updates, n_samples, poisoned = [], [], []
-        flip_stats = []
-        for cid in tqdm(participants, desc=f"round {round_no}", leave=False, disable=None):
-            u, n, p = self.train_client(cid, round_no)
-            updates.append(u)
-            n_samples.append(n)
-            poisoned.append(p)
-            if params["invert"] and not p:
-                flip_stats.append(self.client_states.get(cid, {}).get("last_stats"))
-        ctx = defense.RoundContext(params, self.trainable, helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER))
-        result = defense.aggregate(self.global_state, updates, n_samples, ctx)
-        self.global_state = result.state
+        self.timer = helper.PhaseTimer(self.device)
+        poisoned = [self.is_poisoning(cid, round_no) for cid in participants]
+        with self.timer("local_training"):
+            benign = iter(self.train_benign([c for c, p in zip(participants, poisoned) if not p], round_no))
+            results = [(*self.train_attacker(cid, round_no), None) if p else next(benign)
+                       for cid, p in zip(participants, poisoned)]
+        updates, n_samples, flip_stats = (list(x) for x in zip(*results))
+        ctx = defense.RoundContext(params, self.trainable,
+                                   helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER))
+        with self.timer("aggregation"):
+            result = defense.aggregate(self.global_state, updates, n_samples, ctx)
+            self.global_state = result.state
         self.model.load_state_dict(self.global_state)
-        row = {"round": round_no, **test.evaluate(self.model, self.data, params, self.triggers)}
+        with self.timer("evaluation"):
+            row = {"round": round_no, **test.evaluate(self.model, self.data, params, self.triggers)}
         row["attackers_selected"] = sum(poisoned)
         row["attackers_rejected"] = sum(p and not a for p, a in zip(poisoned, result.admitted))
         row["benign_rejected"] = sum(not p and not a for p, a in zip(poisoned, result.admitted))
@@ -138,6 +152,10 @@ class Federation:
             import invert
 
             row.update(invert.summarize_round(flip_stats))
+            logger.info("round %d FLIP: %d inversions, mean mask L1 %.2f, mean stamped success %.3f",
+                        round_no, row["flip_inversions"], row["flip_mask_l1"], row["flip_success"])
+        logger.info("round %d phases (s): %s", round_no,
+                    ", ".join(f"{k} {v:.2f}" for k, v in self.timer.seconds.items()))
         norms = [float(defense.flatten(u, self.trainable).norm()) for u in updates]
         client_rows = [{"round": round_no, "client_id": cid, "is_attacker": int(p), "n_samples": n,
                         "update_norm": round(norm, 6), "admitted": int(a)}

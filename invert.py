@@ -1,0 +1,535 @@
+"""FLIP on benign clients: trigger inversion and hardening (REFERENCE.md §4), for any dataset.
+
+Each benign client runs ``client_program``: plain sequential code that *yields* requests
+(``Invert``: find the smallest trigger turning some samples into a label; ``Harden``: one Adam
+step of the client's model on a batch) and receives their results. An executor runs the programs
+of a round, either one client after the other, or in lockstep with every pending inversion of the
+round solved in one batched kernel (``invert_batch``: client models stacked and frozen, vmapped).
+Both paths use the same kernels, so they give the same results up to float rounding.
+
+Image shape and class count come from the data; every constant comes from the YAML group `flip`.
+"""
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from config import ConfigError, Field, _check_field
+from helper import PhaseTimer
+
+logger = logging.getLogger(__name__)
+
+EPS_TANH = 1e-7  # value = tanh(theta) / (2 - EPS_TANH) + 0.5 keeps atanh finite at 0 and 1
+
+# The `flip` group of the YAML: name -> field. Defaults are the reference's Fashion-MNIST values;
+# utils/<dataset>.yaml sets each dataset's own.
+FLIP_FIELDS = {
+    "batched": Field("bool", True),
+    "local_passes": Field("int", 5, lambda v: v >= 1, ">= 1"),
+    "batch_size": Field("int", 128, lambda v: v >= 1, ">= 1"),
+    "max_batch_steps": Field("int", 110, lambda v: v >= 1, ">= 1"),
+    "harden_lr": Field("float", 0.01, lambda v: v > 0, "> 0"),
+    "portion": Field("float", 0.6, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "size_min": Field("int", 1, lambda v: v >= 1, ">= 1"),
+    "warmup_steps": Field("int", 600, lambda v: v >= 1, ">= 1"),
+    "pair_steps": Field("int", 400, lambda v: v >= 1, ">= 1"),
+    "refine_steps": Field("int", 100, lambda v: v >= 1, ">= 1"),
+    "retry_steps": Field("int", 200, lambda v: v >= 1, ">= 1"),
+    "pair_batches": Field("int", 2, lambda v: v >= 1, ">= 1"),
+    "explore_prob": Field("float", 0.3, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "success_threshold": Field("float", 0.9, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "init_cost": Field("float", 1e-3, lambda v: v >= 0, ">= 0"),
+    "refine_cost": Field("float", 1e-2, lambda v: v >= 0, ">= 0"),
+    "cost_patience": Field("int", 10, lambda v: v >= 1, ">= 1"),
+    "cost_up": Field("float", 1.5, lambda v: v >= 1, ">= 1"),
+    "cost_down": Field("float", 1.5 ** 1.5, lambda v: v >= 1, ">= 1"),
+    "inversion_lr": Field("float", 0.1, lambda v: v > 0, "> 0"),
+    "max_trigger_frac": Field("float", 0.125, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "init_mask_region": Field("int_list", [], lambda v: len(v) in (0, 4), "[] or [row0, row1, col0, col1]"),
+}
+ADAM_BETAS = (0.5, 0.9)
+
+
+def resolve_flip_params(group, dataset_type):
+    """Validate the `flip` group; missing keys take the defaults of ``FLIP_FIELDS``."""
+    out = {}
+    for key, value in (group or {}).items():
+        if key not in FLIP_FIELDS:
+            import difflib
+
+            close = difflib.get_close_matches(key, FLIP_FIELDS, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown key 'flip.{key}'" + (f"; did you mean 'flip.{close[0]}'?" if close else ""))
+        out[key] = _check_field(f"flip.{key}", value, FLIP_FIELDS[key])
+    missing = [k for k in FLIP_FIELDS if k not in out]
+    if missing and group:
+        logger.info("flip: defaults used for %s", ", ".join(missing))
+    elif missing:
+        logger.warning("invert is on but the YAML has no `flip` group: using the default FLIP "
+                       "constants (the reference's Fashion-MNIST values) for %s", dataset_type)
+    for key in missing:
+        out[key] = copy.copy(FLIP_FIELDS[key].default)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests a client program yields, and what it gets back.
+
+@dataclass
+class Invert:
+    """Find up to two triggers at once: trigger g turns the samples whose ``group`` is g into
+    their ``labels``. ``init`` holds a stored (mask, pattern) per trigger, or None (random)."""
+    x: torch.Tensor
+    labels: torch.Tensor
+    group: torch.Tensor
+    n_triggers: int
+    steps: int
+    cost: float
+    init: list
+
+
+@dataclass
+class InvertResult:
+    masks: torch.Tensor      # (T, H, W) best mask per trigger (zeros where none succeeded)
+    patterns: torch.Tensor   # (T, C, H, W)
+    sizes: np.ndarray        # (T,) L1 of the best mask; 0 where no trigger succeeded
+    success: np.ndarray      # (T,) bool
+    accuracy: np.ndarray     # (T,) stamped accuracy of the returned trigger
+
+
+@dataclass
+class Harden:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class ClientStats:
+    inversions: int = 0
+    mask_l1: list = field(default_factory=list)
+    success: list = field(default_factory=list)
+
+    def as_dict(self):
+        return {"inversions": self.inversions,
+                "mask_l1": float(np.mean(self.mask_l1)) if self.mask_l1 else 0.0,
+                "success": float(np.mean(self.success)) if self.success else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+def to_theta(value):
+    """Inverse of the tanh reparameterisation."""
+    return torch.atanh((value.clamp(0.0, 1.0) - 0.5) * (2 - EPS_TANH))
+
+
+def from_theta(theta):
+    return torch.tanh(theta) / (2 - EPS_TANH) + 0.5
+
+
+def apply_trigger(x, mask, pattern):
+    """(1 − m)·x + m·p, clipped to [0, 1]; ``mask`` broadcasts over channels."""
+    mask = mask.unsqueeze(-3)
+    return ((1 - mask) * x + mask * pattern).clamp(0.0, 1.0)
+
+
+def initial_trigger(init, n_triggers, shape, region, generator, device):
+    """Masks (T, H, W) and patterns (T, C, H, W): stored ones where given, else uniform random.
+    ``region`` (opt-in, the reference's CIFAR behaviour) sets new masks to 1 over
+    rows [r0, r1) and columns [c0, c1)."""
+    c, h, w = shape
+    masks = torch.rand((n_triggers, h, w), generator=generator, device=device)
+    patterns = torch.rand((n_triggers, c, h, w), generator=generator, device=device)
+    for g in range(n_triggers):
+        if init[g] is not None:
+            masks[g], patterns[g] = init[g][0].to(device), init[g][1].to(device)
+        elif region:
+            masks[g, region[0]:region[1], region[2]:region[3]] = 1.0
+    return masks, patterns
+
+
+def stacked_forward(template):
+    """f(params, buffers, x) for a batch of models: vmap of the template's functional call."""
+    def one(params, buffers, x):
+        return functional_call(template, (params, buffers), (x,))
+
+    return torch.vmap(one)
+
+
+def invert_batch(template, params, buffers, requests, fp, shape, generators):
+    """Solve k inversion requests at once, request i on the model (params[i], buffers[i]).
+
+    Everything in the step loop stays on the device: success checks, the adaptive cost, the
+    best-trigger bookkeeping and the re-initialisation near a new best are tensor operations;
+    numbers are read out once at the end.
+    """
+    device = next(iter(params.values())).device
+    k, T = len(requests), max(r.n_triggers for r in requests)
+    N = max(len(r.x) for r in requests)
+    c, h, w = shape
+    x = torch.zeros((k, N, c, h, w), device=device)
+    labels = torch.zeros((k, N), dtype=torch.long, device=device)
+    group = torch.zeros((k, N), dtype=torch.long, device=device)
+    weight = torch.zeros((k, N), device=device)
+    m0 = torch.zeros((k, T, h, w), device=device)
+    p0 = torch.zeros((k, T, c, h, w), device=device)
+    valid = torch.zeros((k, T), dtype=torch.bool, device=device)
+    for i, r in enumerate(requests):
+        n = len(r.x)
+        x[i, :n], labels[i, :n], group[i, :n], weight[i, :n] = r.x, r.labels, r.group, 1.0
+        m0[i, :r.n_triggers], p0[i, :r.n_triggers] = initial_trigger(
+            r.init, r.n_triggers, shape, fp["init_mask_region"], generators[i], device)
+        valid[i, :r.n_triggers] = True
+    steps = torch.tensor([r.steps for r in requests], device=device)
+    cost = torch.tensor([r.cost for r in requests], device=device).unsqueeze(1).expand(k, T).clone()
+    count = torch.zeros((k, T), device=device).scatter_add_(1, group, weight).clamp_min(1.0)
+    theta_m, theta_p = to_theta(m0).requires_grad_(), to_theta(p0).requires_grad_()
+    optimizer = torch.optim.Adam([theta_m, theta_p], lr=fp["inversion_lr"], betas=ADAM_BETAS)
+    forward = stacked_forward(template)
+    rows = torch.arange(k, device=device).unsqueeze(1)
+
+    best_reg = torch.full((k, T), float("inf"), device=device)
+    best_acc = torch.zeros((k, T), device=device)
+    last_acc = torch.zeros((k, T), device=device)
+    best_m, best_p = torch.zeros_like(m0), torch.zeros_like(p0)
+    total_steps = int(max(r.steps for r in requests))
+    # Uniform noise for re-initialising near a new best, drawn up front from each request's
+    # generator: (steps, k, T, ...) in [-0.01, 0.01).
+    noise_m = torch.zeros((total_steps, k, T, h, w), device=device)
+    noise_p = torch.zeros((total_steps, k, T, c, h, w), device=device)
+    for i, (r, g) in enumerate(zip(requests, generators)):
+        noise_m[:r.steps, i, :r.n_triggers] = torch.rand((r.steps, r.n_triggers, h, w), generator=g, device=device)
+        noise_p[:r.steps, i, :r.n_triggers] = torch.rand((r.steps, r.n_triggers, c, h, w), generator=g, device=device)
+    noise_m, noise_p = 0.02 * noise_m - 0.01, 0.02 * noise_p - 0.01
+    up = torch.zeros((k, T), dtype=torch.long, device=device)
+    down = torch.zeros_like(up)
+    for step in range(total_steps):
+        active = valid & (step < steps).unsqueeze(1)
+        mask, pattern = from_theta(theta_m), from_theta(theta_p)
+        x_adv = apply_trigger(x, mask[rows, group], pattern[rows, group])
+        logits = forward(params, buffers, x_adv)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(k, N)
+        ce_t = torch.zeros((k, T), device=device).scatter_add(1, group, ce * weight) / count
+        hits = (logits.argmax(-1) == labels).float() * weight
+        acc = torch.zeros((k, T), device=device).scatter_add(1, group, hits) / count
+        reg = mask.abs().sum(dim=(-2, -1))
+        loss = ((ce_t + cost * reg) * valid).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            success = acc >= fp["success_threshold"]
+            improved = active & success & (reg < best_reg)
+            best_reg = torch.where(improved, reg, best_reg)
+            best_acc = torch.where(improved, acc, best_acc)
+            last_acc = torch.where(active, acc, last_acc)
+            best_m = torch.where(improved[..., None, None], mask, best_m)
+            best_p = torch.where(improved[..., None, None, None], pattern, best_p)
+            theta_m.copy_(torch.where(improved[..., None, None], to_theta(mask + noise_m[step]), theta_m))
+            theta_p.copy_(torch.where(improved[..., None, None, None], to_theta(pattern + noise_p[step]), theta_p))
+            up = torch.where(active, torch.where(success, up + 1, 0), up)
+            down = torch.where(active, torch.where(success, 0, down + 1), down)
+            raise_cost, lower_cost = up >= fp["cost_patience"], down >= fp["cost_patience"]
+            cost = torch.where(raise_cost, cost * fp["cost_up"],
+                               torch.where(lower_cost, cost / fp["cost_down"], cost))
+            up = torch.where(raise_cost, 0, up)
+            down = torch.where(lower_cost & ~raise_cost, 0, down)
+    found = torch.isfinite(best_reg)
+    sizes = torch.where(found, best_reg, torch.zeros_like(best_reg)).cpu().numpy()
+    accuracy = torch.where(found, best_acc, last_acc).cpu().numpy()
+    found = found.cpu().numpy()
+    return [InvertResult(best_m[i, :r.n_triggers], best_p[i, :r.n_triggers], sizes[i, :r.n_triggers],
+                         found[i, :r.n_triggers], accuracy[i, :r.n_triggers])
+            for i, r in enumerate(requests)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One client's FLIP procedure.
+
+@dataclass
+class ClientContext:
+    x: torch.Tensor          # the client's samples (n, C, H, W) on the device
+    y: torch.Tensor          # labels on the device
+    y_host: np.ndarray       # the same labels on the host, for scheduling decisions
+    num_classes: int
+    fp: dict
+    state: dict              # persists across rounds
+    rng: np.random.Generator     # host-side choices
+    torch_gen: torch.Generator   # batch order (CPU)
+
+
+def new_state(num_classes):
+    return {"warmed": False,
+            "mat_warm": np.zeros((num_classes, num_classes)),
+            "mat_diff": np.full((num_classes, num_classes), -np.inf),
+            "triggers": {}}
+
+
+def present_classes(labels, size_min):
+    """Classes with more than ``size_min`` samples among ``labels``."""
+    counts = np.bincount(labels, minlength=0)
+    return [int(c) for c in np.flatnonzero(counts > size_min)]
+
+
+def warmup_samples(y_host, size_min, num_classes):
+    """Indices of the first `size_min` samples of every class with more than that many."""
+    return np.concatenate([np.flatnonzero(y_host == c)[:size_min]
+                           for c in present_classes(y_host, size_min)] or [np.zeros(0, dtype=np.int64)])
+
+
+def stamp_portion(xb, positions, count, trigger, rng):
+    """Stamp ``trigger`` on ``count`` randomly chosen samples among ``positions`` of ``xb``."""
+    if count <= 0:
+        return xb
+    chosen = torch.as_tensor(rng.choice(positions, count, replace=False), device=xb.device)
+    xb = xb.clone()
+    xb[chosen] = apply_trigger(xb[chosen], trigger[0], trigger[1])
+    return xb
+
+
+def choose_pair(ctx, present, previous_source):
+    """(source, target): with probability `explore_prob` a random present source and another
+    target; else the pair with the largest mat_diff whose source is present and differs from the
+    previous pair's source. None when no pair qualifies."""
+    if ctx.rng.random() < ctx.fp["explore_prob"]:
+        source = int(ctx.rng.choice(present))
+        target = int(ctx.rng.choice([t for t in range(ctx.num_classes) if t != source]))
+        return source, target
+    diff = ctx.state["mat_diff"]
+    for flat in np.argsort(-diff, axis=None, kind="stable"):
+        s, t = divmod(int(flat), ctx.num_classes)
+        if s != t and s in present and s != previous_source and np.isfinite(diff[s, t]):
+            return s, t
+    return None
+
+
+def update_matrices(state, direction, sizes):
+    """After a pair's batches: record its mean trigger size, and in mat_diff the relative change
+    from the previous size, averaged with the old value (decayed by ½)."""
+    s, t = direction
+    size = float(np.mean(sizes))
+    last = state["mat_warm"][s, t]
+    if last == 0:
+        state["mat_warm"][s, t] = size
+        state["mat_diff"][s, t] = 0.0
+        return
+    state["mat_diff"][s, t] = (state["mat_diff"][s, t] + (size - last) / last) / 2
+    if size != 0:
+        state["mat_warm"][s, t] = size
+
+
+def warmup_step(ctx, target, extra, xb, yb, stats):
+    """Invert a universal trigger toward ``target`` from the warm-up samples of every other class;
+    record it for each source class; return the batch with the trigger stamped on a portion of
+    its non-target samples."""
+    state = ctx.state
+    src = extra[ctx.y_host[extra] != target]
+    result = None
+    if len(src):
+        result = yield Invert(ctx.x[src], torch.full((len(src),), target, device=ctx.x.device),
+                              torch.zeros(len(src), dtype=torch.long, device=ctx.x.device), 1,
+                              ctx.fp["warmup_steps"], ctx.fp["init_cost"], [None])
+        stats.inversions += 1
+        stats.mask_l1.append(float(result.sizes[0]))
+        stats.success.append(float(result.accuracy[0]))
+    sources = set(ctx.y_host[src].tolist())
+    for s in range(ctx.num_classes):
+        if s == target:
+            continue
+        size = float(result.sizes[0]) if result is not None and s in sources else 0.0
+        state["mat_warm"][s, target] = state["mat_diff"][s, target] = size
+        if size > 0:
+            state["triggers"][(s, target)] = (result.masks[0].cpu(), result.patterns[0].cpu())
+    if result is None or not result.success[0]:
+        return xb
+    others = np.flatnonzero(yb != target)
+    return stamp_portion(xb, others, int(len(others) * ctx.fp["portion"]),
+                         (result.masks[0], result.patterns[0]), ctx.rng)
+
+
+def pair_step(ctx, pair, steps, cost, xb, yb, present, stats):
+    """Invert s→t (and t→s when both classes are present: the "combo") on this batch; returns
+    (stamped batch or None to skip hardening, per-direction sizes, whether any failed)."""
+    s, t = pair
+    idx_s, idx_t = np.flatnonzero(yb == s), np.flatnonzero(yb == t)
+    combo = t in present
+    directions = [(s, t), (t, s)] if combo else [(s, t)]
+    idx = np.concatenate([idx_s, idx_t]) if combo else idx_s
+    device = ctx.x.device
+    labels = np.concatenate([np.full(len(idx_s), t), np.full(len(idx_t), s)]) if combo else np.full(len(idx_s), t)
+    group = np.concatenate([np.zeros(len(idx_s)), np.ones(len(idx_t))]) if combo else np.zeros(len(idx_s))
+    result = yield Invert(xb[torch.as_tensor(idx, device=device)], torch.as_tensor(labels, device=device),
+                          torch.as_tensor(group, dtype=torch.long, device=device), len(directions),
+                          steps, cost, [ctx.state["triggers"].get(d) for d in directions])
+    stats.inversions += 1
+    stats.mask_l1.extend(result.sizes.tolist())
+    stats.success.extend(result.accuracy.tolist())
+    h, w = xb.shape[-2:]
+    if result.sizes.max() > ctx.fp["max_trigger_frac"] * h * w:
+        return None, None, True
+    length = int((min(len(idx_s), len(idx_t)) if combo else len(idx_s)) * ctx.fp["portion"])
+    for g, (d, positions) in enumerate(zip(directions, (idx_s, idx_t))):
+        if result.success[g]:
+            ctx.state["triggers"][d] = (result.masks[g].cpu(), result.patterns[g].cpu())
+            xb = stamp_portion(xb, positions, length, (result.masks[g], result.patterns[g]), ctx.rng)
+    return xb, dict(zip(directions, result.sizes.tolist())), not result.success.all()
+
+
+def client_program(ctx):
+    """The FLIP procedure of one benign client for one round (a generator of requests)."""
+    fp, state, stats = ctx.fp, ctx.state, ClientStats()
+    n = len(ctx.y_host)
+    targets = [] if state["warmed"] else list(range(ctx.num_classes))
+    extra = warmup_samples(ctx.y_host, fp["size_min"], ctx.num_classes)
+    pair, pair_batch, previous_source, sizes, failed = None, 0, None, {}, False
+    step = 0
+    for _ in range(fp["local_passes"]):
+        for idx in torch.randperm(n, generator=ctx.torch_gen).split(fp["batch_size"]):
+            if step >= fp["max_batch_steps"]:
+                return stats
+            step += 1
+            xb, yb = ctx.x[idx.to(ctx.x.device)], ctx.y_host[idx.numpy()]
+            if targets:
+                xb = yield from warmup_step(ctx, targets.pop(0), extra, xb, yb, stats)
+                if not targets:
+                    state["warmed"] = True
+                    top = state["mat_diff"].max()
+                    if top > 0:
+                        state["mat_diff"] /= top
+                yield Harden(xb, ctx.y[idx.to(ctx.x.device)])
+                continue
+            present = present_classes(yb, fp["size_min"])
+            if pair_batch == 0:
+                pair = choose_pair(ctx, present, previous_source) if present else None
+                if pair is None:
+                    continue
+                steps, cost, sizes = fp["pair_steps"], fp["init_cost"], {}
+            elif failed:
+                steps, cost = fp["retry_steps"], fp["init_cost"]
+            else:
+                steps, cost = fp["refine_steps"], fp["refine_cost"]
+            pair_batch = (pair_batch + 1) % fp["pair_batches"]
+            if pair[0] in present:
+                xb, found, failed = yield from pair_step(ctx, pair, steps, cost, xb, yb, present, stats)
+                for d, size in (found or {}).items():
+                    sizes.setdefault(d, []).append(size)
+            else:
+                xb = None
+            if pair_batch == 0:
+                for d, values in sizes.items():
+                    update_matrices(state, d, values)
+                previous_source = pair[0]
+            if xb is not None:
+                yield Harden(xb, ctx.y[idx.to(ctx.x.device)])
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Executor.
+
+class ClientModels:
+    """The k benign clients' local models, each with its own Adam (hardening)."""
+
+    def __init__(self, template, global_state, k, lr):
+        self.template = template
+        self.models = []
+        for _ in range(k):
+            model = copy.deepcopy(template)
+            model.load_state_dict(global_state)
+            self.models.append(model)
+        self.optimizers = [torch.optim.Adam(m.parameters(), lr=lr, betas=ADAM_BETAS) for m in self.models]
+
+    def frozen_stack(self, indices):
+        """Detached, stacked parameters and buffers of the models at ``indices``."""
+        params, buffers = stack_module_state([self.models[i] for i in indices])
+        return ({k: v.detach() for k, v in params.items()}, {k: v.detach() for k, v in buffers.items()})
+
+    def harden(self, i, request):
+        model, optimizer = self.models[i], self.optimizers[i]
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(request.x), request.y).backward()
+        optimizer.step()
+
+
+def run_programs(models, programs, fp, shape, generators, batched, timer):
+    """Drive the client programs to completion; returns each one's ClientStats. ``timer``
+    accumulates the seconds spent inverting and hardening."""
+    template = models.template.eval()
+    pending, stats = {}, {}
+
+    def advance(i, value):
+        try:
+            pending[i] = programs[i].send(value)
+        except StopIteration as stop:
+            pending.pop(i, None)
+            stats[i] = stop.value
+
+    for i in range(len(programs)):
+        advance(i, None)
+        while not batched and i in pending:
+            advance(i, serve(models, template, [i], pending, fp, shape, generators, timer)[i])
+    while pending:
+        ready = sorted(pending)
+        inverting = [i for i in ready if isinstance(pending[i], Invert)]
+        results = serve(models, template, inverting or ready, pending, fp, shape, generators, timer)
+        for i, value in results.items():
+            advance(i, value)
+    return [stats[i] for i in range(len(programs))]
+
+
+def serve(models, template, indices, pending, fp, shape, generators, timer):
+    """Answer the pending requests of clients ``indices``: inversions in one batched call,
+    hardening steps client by client."""
+    inverting = [i for i in indices if isinstance(pending[i], Invert)]
+    answers = {}
+    if inverting:
+        with timer("inversion"):
+            params, buffers = models.frozen_stack(inverting)
+            results = invert_batch(template, params, buffers, [pending[i] for i in inverting], fp, shape,
+                                   [generators[i] for i in inverting])
+        answers.update(zip(inverting, results))
+    hardening = [i for i in indices if isinstance(pending[i], Harden)]
+    if hardening:
+        with timer("hardening"):
+            for i in hardening:
+                models.harden(i, pending[i])
+                answers[i] = None
+    template.eval()
+    return answers
+
+
+def flip_round(template, global_state, data, client_ids, params, client_states, seeds, device, timer=None):
+    """FLIP local training of the benign clients ``client_ids`` from the global state.
+
+    Returns, per client, (local state_dict, sample count, stats dict). ``client_states`` holds
+    each client's persistent FLIP state and is updated in place.
+    """
+    fp = params["flip"]
+    models = ClientModels(template, global_state, len(client_ids), fp["harden_lr"])
+    programs, generators = [], []
+    for cid, seed in zip(client_ids, seeds):
+        rows = data.client_indices[cid]
+        y = data.train_y[rows]
+        state = client_states.setdefault(cid, {}).setdefault("flip", new_state(data.num_classes))
+        ctx = ClientContext(data.train_x[rows], y, y.cpu().numpy(), data.num_classes, fp, state,
+                            np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        programs.append(client_program(ctx))
+        generators.append(torch.Generator(device=device).manual_seed(seed))
+    stats = run_programs(models, programs, fp, data.image_shape, generators, fp["batched"],
+                         timer or PhaseTimer(device))
+    return [(m.state_dict(), len(data.client_indices[cid]), s.as_dict())
+            for m, cid, s in zip(models.models, client_ids, stats)]
+
+
+def summarize_round(stats):
+    """Per-round FLIP numbers for metrics.csv."""
+    stats = [s for s in stats if s is not None]
+    runs = [s for s in stats if s["inversions"]]
+    return {"flip_inversions": sum(s["inversions"] for s in stats),
+            "flip_mask_l1": round(float(np.mean([s["mask_l1"] for s in runs])), 4) if runs else 0.0,
+            "flip_success": round(float(np.mean([s["success"] for s in runs])), 4) if runs else 0.0}
