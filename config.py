@@ -243,7 +243,8 @@ def resolve(raw):
         elif PATTERN_KEY.match(key):
             params[key] = _coerce(key, value, Field("pixel_list"))
         elif EPOCHS_KEY.match(key):
-            params[key] = _coerce(key, value, Field("int_list"))
+            if value is not None:  # null: no explicit list, the attack mode decides
+                params[key] = _coerce(key, value, Field("int_list"))
         elif key in REFERENCE_UNUSED_KEYS:
             unused.append(key)
         else:

@@ -88,13 +88,14 @@ def _as_tensors(ds):
 
 
 def make_synthetic(shape, num_classes, n_train, n_test, seed):
-    """A seeded, learnable dataset: each class is a random prototype image plus uniform noise."""
+    """A seeded, learnable dataset: each class is a random sparse pattern of bright pixels (a
+    quarter of them), seen through uniform noise."""
     g = torch.Generator().manual_seed(seed)
-    prototypes = torch.rand((num_classes, *shape), generator=g)
+    prototypes = (torch.rand((num_classes, *shape), generator=g) < 0.25).float()
 
     def sample(n):
         y = torch.randint(num_classes, (n,), generator=g)
-        x = 0.6 * prototypes[y] + 0.4 * torch.rand((n, *shape), generator=g)
+        x = (0.8 * prototypes[y] + 0.3 * torch.rand((n, *shape), generator=g)).clamp(0.0, 1.0)
         return x, y
 
     return (*sample(n_train), *sample(n_test))

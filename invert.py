@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
+from tqdm import tqdm
 
 from config import ConfigError, Field, _check_field
 from helper import PhaseTimer
@@ -461,6 +462,7 @@ def run_programs(models, programs, fp, shape, generators, batched, timer):
     accumulates the seconds spent inverting and hardening."""
     template = models.template.eval()
     pending, stats = {}, {}
+    progress = tqdm(total=len(programs), desc="FLIP clients", leave=False, disable=None)
 
     def advance(i, value):
         try:
@@ -468,6 +470,7 @@ def run_programs(models, programs, fp, shape, generators, batched, timer):
         except StopIteration as stop:
             pending.pop(i, None)
             stats[i] = stop.value
+            progress.update()
 
     for i in range(len(programs)):
         advance(i, None)
@@ -479,6 +482,7 @@ def run_programs(models, programs, fp, shape, generators, batched, timer):
         results = serve(models, template, inverting or ready, pending, fp, shape, generators, timer)
         for i, value in results.items():
             advance(i, value)
+    progress.close()
     return [stats[i] for i in range(len(programs))]
 
 

@@ -30,8 +30,10 @@ SYNTHETIC = {
 
 
 def write_yaml(path, overrides=None, base=SYNTHETIC):
+    """Write ``base`` updated with ``overrides`` (a None value removes the key)."""
     cfg = dict(base)
     cfg.update(overrides or {})
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)

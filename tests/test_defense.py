@@ -98,3 +98,29 @@ def test_flame_degenerate_cases_admit_everyone_without_crashing(caplog):
 def test_largest_cluster_all_noise_fallback():
     d = torch.tensor(np.array([[0.0, 1.0], [1.0, 0.0]]))
     assert defense.largest_cluster(d).tolist() in ([True, True], [True, False], [False, True])
+
+
+def test_flame_batchnorm_statistics_do_not_make_benign_clients_outliers():
+    """Same trainable weights, very different BatchNorm running statistics (as non-IID data
+    gives): trainable-only clustering admits all; clustering the whole state_dict does not."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim, stats = 10, 200, 64
+    g = {"w": torch.randn(dim, generator=gen), "bn.running_mean": torch.zeros(stats),
+         "bn.running_var": torch.ones(stats), "bn.num_batches_tracked": torch.tensor(100)}
+    weights = 0.01 * torch.randn(dim, generator=gen)  # the same weight update for every client
+    updates = []
+    for i in range(n):
+        scale = 5.0 if i % 3 == 0 else 0.5  # a few clients with very different class mixes
+        updates.append({"w": weights.clone(),
+                        "bn.running_mean": scale * torch.randn(stats, generator=gen),
+                        "bn.running_var": scale * torch.rand(stats, generator=gen),
+                        "bn.num_batches_tracked": torch.tensor(10)})
+    trainable_only = defense.RoundContext(
+        {"lr_para": 1.0, "no_models": n, "flame_lambda": 0.0, "flame_whole_state_dict": False}, ["w"],
+        torch.Generator().manual_seed(0))
+    assert defense.flame(g, updates, [1] * n, trainable_only).admitted == [True] * n
+    whole = defense.RoundContext({**trainable_only.params, "flame_whole_state_dict": True}, ["w"],
+                                 torch.Generator().manual_seed(0))
+    admitted = defense.flame(g, updates, [1] * n, whole).admitted
+    assert not all(admitted)
+    assert sum(admitted) >= n // 2 + 1

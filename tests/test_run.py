@@ -114,3 +114,25 @@ def test_real_fashion_mnist_fedavg_learns(tmp_path):
     rows = read_metrics(run_dir)
     assert float(rows[-1]["main_acc"]) > 70.0
     assert float(rows[-1]["backdoor_acc"]) < 30.0
+
+
+def test_flame_rejects_single_shot_attacker_that_breaks_fedavg(tmp_path, synthetic_yaml):
+    """Synthetic data, 8 clients a round, one x100 attacker in round 2: FedAvg's BA jumps, FLAME
+    rejects the attacker and BA stays low."""
+    path = synthetic_yaml({"epochs": 4, "no_models": 8, "number_of_total_participants": 16,
+                           "adversary_list": [5], "0_poison_epochs": [2], "lr_para": 0.5, "internal_epochs": 5,
+                           "1_poison_pattern": None, "1_poison_epochs": None})
+    runs = {}
+    for method in ("mean", "flame"):
+        result = run_main("--params", path, "--run-dir", tmp_path / method, "--device", "cpu",
+                          "--set", f"aggregation_methods={method}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[method] = read_metrics(tmp_path / method)
+    assert float(runs["mean"][1]["backdoor_acc"]) > 80.0
+    flame = runs["flame"]
+    assert int(flame[1]["attackers_selected"]) == 1 and int(flame[1]["attackers_rejected"]) == 1
+    assert max(float(r["backdoor_acc"]) for r in flame) < 30.0
+    assert float(flame[-1]["main_acc"]) > 60.0
+    with open(tmp_path / "flame" / "clients.csv") as f:
+        attacker = [r for r in csv.DictReader(f) if r["is_attacker"] == "1"]
+    assert [(r["round"], r["admitted"]) for r in attacker] == [("2", "0")]
