@@ -5,6 +5,7 @@ use is declared in ``FIELDS`` with its type, default and range; the reference's 
 not use are accepted with one warning; anything else is an error that names the closest valid key.
 """
 
+import copy
 import difflib
 import logging
 import os
@@ -165,6 +166,53 @@ def _check_field(key, value, f):
     return value
 
 
+# The `flip` group of the YAML: name -> field. Defaults are the reference's Fashion-MNIST values;
+# utils/<dataset>.yaml sets each dataset's own.
+FLIP_FIELDS = {
+    "batched": Field("bool", True),
+    "local_passes": Field("int", 5, lambda v: v >= 1, ">= 1"),
+    "batch_size": Field("int", 128, lambda v: v >= 1, ">= 1"),
+    "max_batch_steps": Field("int", 110, lambda v: v >= 1, ">= 1"),
+    "harden_lr": Field("float", 0.01, lambda v: v > 0, "> 0"),
+    "portion": Field("float", 0.6, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "size_min": Field("int", 1, lambda v: v >= 1, ">= 1"),
+    "warmup_steps": Field("int", 600, lambda v: v >= 1, ">= 1"),
+    "pair_steps": Field("int", 400, lambda v: v >= 1, ">= 1"),
+    "refine_steps": Field("int", 100, lambda v: v >= 1, ">= 1"),
+    "retry_steps": Field("int", 200, lambda v: v >= 1, ">= 1"),
+    "pair_batches": Field("int", 2, lambda v: v >= 1, ">= 1"),
+    "explore_prob": Field("float", 0.3, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "success_threshold": Field("float", 0.9, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "init_cost": Field("float", 1e-3, lambda v: v >= 0, ">= 0"),
+    "refine_cost": Field("float", 1e-2, lambda v: v >= 0, ">= 0"),
+    "cost_patience": Field("int", 10, lambda v: v >= 1, ">= 1"),
+    "cost_up": Field("float", 1.5, lambda v: v >= 1, ">= 1"),
+    "cost_down": Field("float", 1.5 ** 1.5, lambda v: v >= 1, ">= 1"),
+    "inversion_lr": Field("float", 0.1, lambda v: v > 0, "> 0"),
+    "max_trigger_frac": Field("float", 0.125, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "init_mask_region": Field("int_list", [], lambda v: len(v) in (0, 4), "[] or [row0, row1, col0, col1]"),
+}
+
+
+def resolve_flip_params(group, dataset_type):
+    """Validate the `flip` group; missing keys take the defaults of ``FLIP_FIELDS``."""
+    out = {}
+    for key, value in (group or {}).items():
+        if key not in FLIP_FIELDS:
+            close = difflib.get_close_matches(key, FLIP_FIELDS, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown key 'flip.{key}'" + (f"; did you mean 'flip.{close[0]}'?" if close else ""))
+        out[key] = _check_field(f"flip.{key}", value, FLIP_FIELDS[key])
+    missing = [k for k in FLIP_FIELDS if k not in out]
+    if missing and group:
+        logger.info("flip: defaults used for %s", ", ".join(missing))
+    elif missing:
+        logger.warning("invert is on but the YAML has no `flip` group: using the default FLIP "
+                       "constants (the reference's Fashion-MNIST values) for %s", dataset_type)
+    for key in missing:
+        out[key] = copy.copy(FLIP_FIELDS[key].default)
+    return out
+
+
 def _unknown_key_error(key, valid):
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -274,9 +322,7 @@ def resolve(raw):
             "(make it with the pretraining command in README.md, or set resumed_model: false)"
         )
     if params["invert"]:
-        import invert  # the FLIP group is validated by the module that uses it
-
-        params["flip"] = invert.resolve_flip_params(params["flip"], params["type"])
+        params["flip"] = resolve_flip_params(params["flip"], params["type"])
     return params
 
 

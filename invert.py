@@ -20,61 +20,13 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 from tqdm import tqdm
 
-from config import ConfigError, Field, _check_field
 from helper import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
 EPS_TANH = 1e-7  # value = tanh(theta) / (2 - EPS_TANH) + 0.5 keeps atanh finite at 0 and 1
 
-# The `flip` group of the YAML: name -> field. Defaults are the reference's Fashion-MNIST values;
-# utils/<dataset>.yaml sets each dataset's own.
-FLIP_FIELDS = {
-    "batched": Field("bool", True),
-    "local_passes": Field("int", 5, lambda v: v >= 1, ">= 1"),
-    "batch_size": Field("int", 128, lambda v: v >= 1, ">= 1"),
-    "max_batch_steps": Field("int", 110, lambda v: v >= 1, ">= 1"),
-    "harden_lr": Field("float", 0.01, lambda v: v > 0, "> 0"),
-    "portion": Field("float", 0.6, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "size_min": Field("int", 1, lambda v: v >= 1, ">= 1"),
-    "warmup_steps": Field("int", 600, lambda v: v >= 1, ">= 1"),
-    "pair_steps": Field("int", 400, lambda v: v >= 1, ">= 1"),
-    "refine_steps": Field("int", 100, lambda v: v >= 1, ">= 1"),
-    "retry_steps": Field("int", 200, lambda v: v >= 1, ">= 1"),
-    "pair_batches": Field("int", 2, lambda v: v >= 1, ">= 1"),
-    "explore_prob": Field("float", 0.3, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "success_threshold": Field("float", 0.9, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "init_cost": Field("float", 1e-3, lambda v: v >= 0, ">= 0"),
-    "refine_cost": Field("float", 1e-2, lambda v: v >= 0, ">= 0"),
-    "cost_patience": Field("int", 10, lambda v: v >= 1, ">= 1"),
-    "cost_up": Field("float", 1.5, lambda v: v >= 1, ">= 1"),
-    "cost_down": Field("float", 1.5 ** 1.5, lambda v: v >= 1, ">= 1"),
-    "inversion_lr": Field("float", 0.1, lambda v: v > 0, "> 0"),
-    "max_trigger_frac": Field("float", 0.125, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "init_mask_region": Field("int_list", [], lambda v: len(v) in (0, 4), "[] or [row0, row1, col0, col1]"),
-}
 ADAM_BETAS = (0.5, 0.9)
-
-
-def resolve_flip_params(group, dataset_type):
-    """Validate the `flip` group; missing keys take the defaults of ``FLIP_FIELDS``."""
-    out = {}
-    for key, value in (group or {}).items():
-        if key not in FLIP_FIELDS:
-            import difflib
-
-            close = difflib.get_close_matches(key, FLIP_FIELDS, n=1, cutoff=0.5)
-            raise ConfigError(f"unknown key 'flip.{key}'" + (f"; did you mean 'flip.{close[0]}'?" if close else ""))
-        out[key] = _check_field(f"flip.{key}", value, FLIP_FIELDS[key])
-    missing = [k for k in FLIP_FIELDS if k not in out]
-    if missing and group:
-        logger.info("flip: defaults used for %s", ", ".join(missing))
-    elif missing:
-        logger.warning("invert is on but the YAML has no `flip` group: using the default FLIP "
-                       "constants (the reference's Fashion-MNIST values) for %s", dataset_type)
-    for key in missing:
-        out[key] = copy.copy(FLIP_FIELDS[key].default)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +216,7 @@ class ClientContext:
 
 
 def new_state(num_classes):
-    return {"warmed": False,
+    return {"warmed": False, "next_warmup_target": 0,
             "mat_warm": np.zeros((num_classes, num_classes)),
             "mat_diff": np.full((num_classes, num_classes), -np.inf),
             "triggers": {}}
@@ -384,7 +336,7 @@ def client_program(ctx):
     """The FLIP procedure of one benign client for one round (a generator of requests)."""
     fp, state, stats = ctx.fp, ctx.state, ClientStats()
     n = len(ctx.y_host)
-    targets = [] if state["warmed"] else list(range(ctx.num_classes))
+    targets = [] if state["warmed"] else list(range(state["next_warmup_target"], ctx.num_classes))
     extra = warmup_samples(ctx.y_host, fp["size_min"], ctx.num_classes)
     pair, pair_batch, previous_source, sizes, failed = None, 0, None, {}, False
     step = 0
@@ -396,6 +348,7 @@ def client_program(ctx):
             xb, yb = ctx.x[idx.to(ctx.x.device)], ctx.y_host[idx.numpy()]
             if targets:
                 xb = yield from warmup_step(ctx, targets.pop(0), extra, xb, yb, stats)
+                state["next_warmup_target"] = ctx.num_classes - len(targets)
                 if not targets:
                     state["warmed"] = True
                     top = state["mat_diff"].max()
@@ -487,16 +440,18 @@ def run_programs(models, programs, fp, shape, generators, batched, timer):
 
 
 def serve(models, template, indices, pending, fp, shape, generators, timer):
-    """Answer the pending requests of clients ``indices``: inversions in one batched call,
-    hardening steps client by client."""
+    """Answer the pending requests of clients ``indices``: inversions batched (one call per step
+    count), hardening steps client by client."""
     inverting = [i for i in indices if isinstance(pending[i], Invert)]
     answers = {}
-    if inverting:
+    # One batched call per step count, so that no request is padded to a longer one's steps.
+    for steps in sorted({pending[i].steps for i in inverting}):
+        group = [i for i in inverting if pending[i].steps == steps]
         with timer("inversion"):
-            params, buffers = models.frozen_stack(inverting)
-            results = invert_batch(template, params, buffers, [pending[i] for i in inverting], fp, shape,
-                                   [generators[i] for i in inverting])
-        answers.update(zip(inverting, results))
+            params, buffers = models.frozen_stack(group)
+            results = invert_batch(template, params, buffers, [pending[i] for i in group], fp, shape,
+                                   [generators[i] for i in group])
+        answers.update(zip(group, results))
     hardening = [i for i in indices if isinstance(pending[i], Harden)]
     if hardening:
         with timer("hardening"):

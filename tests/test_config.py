@@ -18,6 +18,8 @@ from models import build_model
     ({"confidence_threshold": 1.5}, "confidence_threshold"),
     ({"aggregation_methods": "krum"}, "aggregation_methods"),
     ({"batch_size": "big"}, "batch_size"),
+    ({"invert": True, "flip": {"warmup_stepz": 10}}, "flip.warmup_steps"),
+    ({"invert": True, "flip": {"portion": 2}}, "flip.portion"),
 ])
 def test_bad_yaml_exits_2_naming_the_key(tmp_path, override, key):
     path = write_yaml(tmp_path / "bad.yaml", override)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import invert
+from config import resolve_flip_params
 from image_helper import FederatedData, iid_split, load_arrays, stamp, trigger_mask
 from models import build_model
 from test import predict
@@ -19,7 +20,7 @@ SMALL_FLIP = {"warmup_steps": 150, "pair_steps": 100, "refine_steps": 30, "retry
 
 
 def flip_params(**overrides):
-    fp = invert.resolve_flip_params({**SMALL_FLIP, **overrides}, "fashion_mnist")
+    fp = resolve_flip_params({**SMALL_FLIP, **overrides}, "fashion_mnist")
     return {"flip": fp}
 
 
@@ -57,7 +58,7 @@ def accuracies(model, bd):
 
 
 def universal_trigger(model, x, target, steps=300, seed=0):
-    fp = invert.resolve_flip_params({}, "fashion_mnist")
+    fp = resolve_flip_params({}, "fashion_mnist")
     params, buffers = invert.ClientModels(model, model.state_dict(), 1, 0.01).frozen_stack([0])
     request = invert.Invert(x, torch.full((len(x),), target), torch.zeros(len(x), dtype=torch.long), 1,
                             steps, fp["init_cost"], [None])
@@ -144,6 +145,14 @@ def test_state_persists_and_second_selection_skips_warmup(backdoored, monkeypatc
     seen_steps.clear()
     harden(model, data, params, states, [3, 4])
     assert seen_steps and 37 not in seen_steps
+    # a client whose round ends mid warm-up continues it where it stopped next time
+    short = flip_params(warmup_steps=37, max_batch_steps=4)
+    partial = {}
+    harden(model, data, short, partial, [1, 2])
+    assert partial[0]["flip"]["next_warmup_target"] == 4 and not partial[0]["flip"]["warmed"]
+    seen_steps.clear()
+    harden(model, data, short, partial, [3, 4])
+    assert seen_steps.count(37) == 2 * 4 and partial[0]["flip"]["next_warmup_target"] == 8
     # the resume checkpoint round-trips the state
     buffer = __import__("io").BytesIO()
     torch.save({"client_states": states}, buffer)
@@ -161,7 +170,7 @@ def test_batched_inversion_equals_one_at_a_time(backdoored):
     success/re-initialisation decisions of long inversions can amplify)."""
     model = backdoored["model"]
     x = backdoored["test_x"][:30].reshape(3, 10, 1, 28, 28)
-    fp = invert.resolve_flip_params({}, "fashion_mnist")
+    fp = resolve_flip_params({}, "fashion_mnist")
     requests = [invert.Invert(x[i], torch.full((10,), TARGET), torch.arange(10) % (1 + i % 2), 1 + i % 2,
                               15 + 5 * i, fp["init_cost"], [None] * (1 + i % 2)) for i in range(3)]
     models = invert.ClientModels(model, model.state_dict(), 3, 0.01)
