@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from config import ConfigError, load_config, parse_override, resolve
+from config import ConfigError, load_config, load_raw, parse_override, resolve
 from image_helper import DataError
 
 logger = logging.getLogger("main")
@@ -30,10 +30,8 @@ def parse_args(argv=None):
 
 def load_params(args):
     """Resolved params and the run folder, for a new run or a resumed one."""
-    import config
-
     if args.resume:
-        raw = config.load_raw(os.path.join(args.resume, "params.yaml"))
+        raw = load_raw(os.path.join(args.resume, "params.yaml"))
         for text in args.set:
             key, value = parse_override(text)
             raw[key] = value
