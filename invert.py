@@ -66,6 +66,12 @@ class ClientStats:
     mask_l1: list = field(default_factory=list)
     success: list = field(default_factory=list)
 
+    def record(self, result):
+        """Count one inversion and keep its triggers' sizes and stamped accuracies."""
+        self.inversions += 1
+        self.mask_l1.extend(result.sizes.tolist())
+        self.success.extend(result.accuracy.tolist())
+
     def as_dict(self):
         return {"inversions": self.inversions,
                 "mask_l1": float(np.mean(self.mask_l1)) if self.mask_l1 else 0.0,
@@ -224,11 +230,11 @@ def new_state(num_classes):
 
 def present_classes(labels, size_min):
     """Classes with more than ``size_min`` samples among ``labels``."""
-    counts = np.bincount(labels, minlength=0)
+    counts = np.bincount(labels)
     return [int(c) for c in np.flatnonzero(counts > size_min)]
 
 
-def warmup_samples(y_host, size_min, num_classes):
+def warmup_samples(y_host, size_min):
     """Indices of the first `size_min` samples of every class with more than that many."""
     return np.concatenate([np.flatnonzero(y_host == c)[:size_min]
                            for c in present_classes(y_host, size_min)] or [np.zeros(0, dtype=np.int64)])
@@ -286,17 +292,17 @@ def warmup_step(ctx, target, extra, xb, yb, stats):
         result = yield Invert(ctx.x[src], torch.full((len(src),), target, device=ctx.x.device),
                               torch.zeros(len(src), dtype=torch.long, device=ctx.x.device), 1,
                               ctx.fp["warmup_steps"], ctx.fp["init_cost"], [None])
-        stats.inversions += 1
-        stats.mask_l1.append(float(result.sizes[0]))
-        stats.success.append(float(result.accuracy[0]))
+        stats.record(result)
     sources = set(ctx.y_host[src].tolist())
+    found = float(result.sizes[0]) if result is not None else 0.0
+    stored = (result.masks[0].cpu(), result.patterns[0].cpu()) if found > 0 else None
     for s in range(ctx.num_classes):
         if s == target:
             continue
-        size = float(result.sizes[0]) if result is not None and s in sources else 0.0
+        size = found if s in sources else 0.0
         state["mat_warm"][s, target] = state["mat_diff"][s, target] = size
         if size > 0:
-            state["triggers"][(s, target)] = (result.masks[0].cpu(), result.patterns[0].cpu())
+            state["triggers"][(s, target)] = stored
     if result is None or not result.success[0]:
         return xb
     others = np.flatnonzero(yb != target)
@@ -318,9 +324,7 @@ def pair_step(ctx, pair, steps, cost, xb, yb, present, stats):
     result = yield Invert(xb[torch.as_tensor(idx, device=device)], torch.as_tensor(labels, device=device),
                           torch.as_tensor(group, dtype=torch.long, device=device), len(directions),
                           steps, cost, [ctx.state["triggers"].get(d) for d in directions])
-    stats.inversions += 1
-    stats.mask_l1.extend(result.sizes.tolist())
-    stats.success.extend(result.accuracy.tolist())
+    stats.record(result)
     h, w = xb.shape[-2:]
     if result.sizes.max() > ctx.fp["max_trigger_frac"] * h * w:
         return None, None, True
@@ -337,7 +341,7 @@ def client_program(ctx):
     fp, state, stats = ctx.fp, ctx.state, ClientStats()
     n = len(ctx.y_host)
     targets = [] if state["warmed"] else list(range(state["next_warmup_target"], ctx.num_classes))
-    extra = warmup_samples(ctx.y_host, fp["size_min"], ctx.num_classes)
+    extra = warmup_samples(ctx.y_host, fp["size_min"])
     pair, pair_batch, previous_source, sizes, failed = None, 0, None, {}, False
     step = 0
     for _ in range(fp["local_passes"]):
@@ -345,7 +349,8 @@ def client_program(ctx):
             if step >= fp["max_batch_steps"]:
                 return stats
             step += 1
-            xb, yb = ctx.x[idx.to(ctx.x.device)], ctx.y_host[idx.numpy()]
+            rows = idx.to(ctx.x.device)
+            xb, yb, yb_device = ctx.x[rows], ctx.y_host[idx.numpy()], ctx.y[rows]
             if targets:
                 xb = yield from warmup_step(ctx, targets.pop(0), extra, xb, yb, stats)
                 state["next_warmup_target"] = ctx.num_classes - len(targets)
@@ -354,7 +359,7 @@ def client_program(ctx):
                     top = state["mat_diff"].max()
                     if top > 0:
                         state["mat_diff"] /= top
-                yield Harden(xb, ctx.y[idx.to(ctx.x.device)])
+                yield Harden(xb, yb_device)
                 continue
             present = present_classes(yb, fp["size_min"])
             if pair_batch == 0:
@@ -378,7 +383,7 @@ def client_program(ctx):
                     update_matrices(state, d, values)
                 previous_source = pair[0]
             if xb is not None:
-                yield Harden(xb, ctx.y[idx.to(ctx.x.device)])
+                yield Harden(xb, yb_device)
     return stats
 
 
