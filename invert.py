@@ -12,6 +12,8 @@ Image shape and class count come from the data; every constant comes from the YA
 
 import copy
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +67,9 @@ class ClientStats:
     inversions: int = 0
     mask_l1: list = field(default_factory=list)
     success: list = field(default_factory=list)
+    hardened: int = 0                # hardening steps taken
+    oversize_skips: int = 0          # batches not hardened because a trigger exceeded the cap
+    stamped: Counter = field(default_factory=Counter)  # target label -> hardening steps stamping a trigger toward it
 
     def record(self, result):
         """Count one inversion and keep its triggers' sizes and stamped accuracies."""
@@ -75,7 +80,9 @@ class ClientStats:
     def as_dict(self):
         return {"inversions": self.inversions,
                 "mask_l1": float(np.mean(self.mask_l1)) if self.mask_l1 else 0.0,
-                "success": float(np.mean(self.success)) if self.success else 0.0}
+                "success": float(np.mean(self.success)) if self.success else 0.0,
+                "hardened": self.hardened, "oversize_skips": self.oversize_skips,
+                "stamped": dict(self.stamped)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +216,32 @@ def invert_batch(template, params, buffers, requests, fp, shape, generators):
 # ---------------------------------------------------------------------------------------------
 # One client's FLIP procedure.
 
+class RoundProgress:
+    """Counts a FLIP round's batches and inversions and logs a line every ``interval`` seconds
+    (tqdm's bar is hidden when the output goes to a file, and a round can take many minutes)."""
+
+    def __init__(self, total_batches, n_clients, interval):
+        self.total_batches, self.n_clients, self.interval = total_batches, n_clients, interval
+        self.batches = self.inversions = self.clients_done = 0
+        self.start = self.last_log = time.perf_counter()
+
+    def maybe_log(self):
+        now = time.perf_counter()
+        if now - self.last_log < self.interval:
+            return
+        self.last_log = now
+        elapsed = now - self.start
+        eta = elapsed * (self.total_batches - self.batches) / self.batches if self.batches else float("nan")
+        logger.info("FLIP: %d/%d clients done, %d/%d batches, %d inversions, %.0f s elapsed, "
+                    "about %.0f s left in this round", self.clients_done, self.n_clients, self.batches,
+                    self.total_batches, self.inversions, elapsed, eta)
+
+
+def planned_batches(n, fp):
+    """How many batches a client with ``n`` samples takes in a round."""
+    return min(fp["max_batch_steps"], fp["local_passes"] * -(-n // fp["batch_size"]))
+
+
 @dataclass
 class ClientContext:
     x: torch.Tensor          # the client's samples (n, C, H, W) on the device
@@ -219,6 +252,7 @@ class ClientContext:
     state: dict              # persists across rounds
     rng: np.random.Generator     # host-side choices
     torch_gen: torch.Generator   # batch order (CPU)
+    progress: RoundProgress = None
 
 
 def new_state(num_classes):
@@ -281,6 +315,12 @@ def update_matrices(state, direction, sizes):
         state["mat_warm"][s, t] = size
 
 
+def stored_trigger(result, g):
+    """Trigger g of an inversion result as host tensors of its own: a view would keep (and
+    checkpoint) the whole batched buffer it came from."""
+    return result.masks[g].to("cpu", copy=True), result.patterns[g].to("cpu", copy=True)
+
+
 def warmup_step(ctx, target, extra, xb, yb, stats):
     """Invert a universal trigger toward ``target`` from the warm-up samples of every other class;
     record it for each source class; return the batch with the trigger stamped on a portion of
@@ -295,7 +335,7 @@ def warmup_step(ctx, target, extra, xb, yb, stats):
         stats.record(result)
     sources = set(ctx.y_host[src].tolist())
     found = float(result.sizes[0]) if result is not None else 0.0
-    stored = (result.masks[0].cpu(), result.patterns[0].cpu()) if found > 0 else None
+    stored = stored_trigger(result, 0) if found > 0 else None
     for s in range(ctx.num_classes):
         if s == target:
             continue
@@ -306,13 +346,38 @@ def warmup_step(ctx, target, extra, xb, yb, stats):
     if result is None or not result.success[0]:
         return xb
     others = np.flatnonzero(yb != target)
-    return stamp_portion(xb, others, int(len(others) * ctx.fp["portion"]),
-                         (result.masks[0], result.patterns[0]), ctx.rng)
+    count = int(len(others) * ctx.fp["portion"])
+    if count > 0:
+        stats.stamped[target] += 1
+    return stamp_portion(xb, others, count, (result.masks[0], result.patterns[0]), ctx.rng)
 
 
-def pair_step(ctx, pair, steps, cost, xb, yb, present, stats):
-    """Invert s→t (and t→s when both classes are present: the "combo") on this batch; returns
-    (stamped batch or None to skip hardening, per-direction sizes, whether any failed)."""
+def inversion_budget(fp, combo, later, failed):
+    """(steps, cost) of a pair inversion, scheduled as in the reference code: a pair's first batch
+    `pair_steps` at `init_cost`; a later batch after a failure the retry budget at `init_cost`,
+    after a success the refine budget; combo and single-direction inversions have their own."""
+    if not later:
+        return fp["pair_steps"], fp["init_cost"]
+    if failed:
+        return fp["retry_steps" if combo else "single_retry_steps"], fp["init_cost"]
+    if combo:
+        return fp["refine_steps"], fp["refine_cost"]
+    return fp["single_refine_steps"], fp["single_refine_cost"]
+
+
+def stored_size(state, direction):
+    """L1 size of the stored trigger of ``direction``, or None when there is none."""
+    trigger = state["triggers"].get(direction)
+    return float(trigger[0].abs().sum()) if trigger is not None else None
+
+
+def pair_step(ctx, pair, later, failed, xb, yb, present, stats):
+    """Invert s→t (and t→s when both classes are present: the "combo") on this batch.
+
+    Returns (stamped batch, sizes, failed). A trigger larger than the cap skips the batch as in
+    the reference: (None, None, ``failed`` unchanged). Otherwise ``sizes`` maps each direction to
+    its new trigger's size, or, where the inversion failed, to the size of the stored trigger it
+    started from (the reference records that one; a failure is not a trigger of size 0)."""
     s, t = pair
     idx_s, idx_t = np.flatnonzero(yb == s), np.flatnonzero(yb == t)
     combo = t in present
@@ -321,69 +386,87 @@ def pair_step(ctx, pair, steps, cost, xb, yb, present, stats):
     device = ctx.x.device
     labels = np.concatenate([np.full(len(idx_s), t), np.full(len(idx_t), s)]) if combo else np.full(len(idx_s), t)
     group = np.concatenate([np.zeros(len(idx_s)), np.ones(len(idx_t))]) if combo else np.zeros(len(idx_s))
+    steps, cost = inversion_budget(ctx.fp, combo, later, failed)
     result = yield Invert(xb[torch.as_tensor(idx, device=device)], torch.as_tensor(labels, device=device),
                           torch.as_tensor(group, dtype=torch.long, device=device), len(directions),
                           steps, cost, [ctx.state["triggers"].get(d) for d in directions])
     stats.record(result)
     h, w = xb.shape[-2:]
     if result.sizes.max() > ctx.fp["max_trigger_frac"] * h * w:
-        return None, None, True
+        stats.oversize_skips += 1
+        return None, None, failed
     length = int((min(len(idx_s), len(idx_t)) if combo else len(idx_s)) * ctx.fp["portion"])
+    sizes = {}
     for g, (d, positions) in enumerate(zip(directions, (idx_s, idx_t))):
         if result.success[g]:
-            ctx.state["triggers"][d] = (result.masks[g].cpu(), result.patterns[g].cpu())
+            ctx.state["triggers"][d] = stored_trigger(result, g)
             xb = stamp_portion(xb, positions, length, (result.masks[g], result.patterns[g]), ctx.rng)
-    return xb, dict(zip(directions, result.sizes.tolist())), not result.success.all()
+            sizes[d] = float(result.sizes[g])
+            if length > 0:
+                stats.stamped[d[1]] += 1
+        elif stored_size(ctx.state, d) is not None:
+            sizes[d] = stored_size(ctx.state, d)
+    return xb, sizes, not result.success.all()
+
+
+def client_batches(n, fp, generator):
+    """Batch indices over `local_passes` shuffled passes, at most `max_batch_steps` batches."""
+    count = 0
+    for _ in range(fp["local_passes"]):
+        for idx in torch.randperm(n, generator=generator).split(fp["batch_size"]):
+            if count >= fp["max_batch_steps"]:
+                return
+            count += 1
+            yield idx
 
 
 def client_program(ctx):
-    """The FLIP procedure of one benign client for one round (a generator of requests)."""
+    """The FLIP procedure of one benign client for one round (a generator of requests).
+
+    The first `num_classes` batches are the warm-up slot: a first-time client inverts one
+    universal trigger per batch there; a returning client starts a new class pair on every batch
+    of it (the reference's schedule). From then on a pair lasts `pair_batches` batches, and the
+    matrices are updated when a pair ends."""
     fp, state, stats = ctx.fp, ctx.state, ClientStats()
-    n = len(ctx.y_host)
     targets = [] if state["warmed"] else list(range(state["next_warmup_target"], ctx.num_classes))
     extra = warmup_samples(ctx.y_host, fp["size_min"])
     pair, pair_batch, previous_source, sizes, failed = None, 0, None, {}, False
-    step = 0
-    for _ in range(fp["local_passes"]):
-        for idx in torch.randperm(n, generator=ctx.torch_gen).split(fp["batch_size"]):
-            if step >= fp["max_batch_steps"]:
-                return stats
-            step += 1
-            rows = idx.to(ctx.x.device)
-            xb, yb, yb_device = ctx.x[rows], ctx.y_host[idx.numpy()], ctx.y[rows]
-            if targets:
-                xb = yield from warmup_step(ctx, targets.pop(0), extra, xb, yb, stats)
-                state["next_warmup_target"] = ctx.num_classes - len(targets)
-                if not targets:
-                    state["warmed"] = True
-                    top = state["mat_diff"].max()
-                    if top > 0:
-                        state["mat_diff"] /= top
-                yield Harden(xb, yb_device)
+    for batch_index, idx in enumerate(client_batches(len(ctx.y_host), fp, ctx.torch_gen)):
+        if ctx.progress is not None:
+            ctx.progress.batches += 1
+        rows = idx.to(ctx.x.device)
+        xb, yb, yb_device = ctx.x[rows], ctx.y_host[idx.numpy()], ctx.y[rows]
+        if targets:
+            xb = yield from warmup_step(ctx, targets.pop(0), extra, xb, yb, stats)
+            state["next_warmup_target"] = ctx.num_classes - len(targets)
+            if not targets:
+                state["warmed"] = True
+                top = state["mat_diff"].max()
+                if top > 0:
+                    state["mat_diff"] /= top
+            stats.hardened += 1
+            yield Harden(xb, yb_device)
+            continue
+        present = present_classes(yb, fp["size_min"])
+        if pair_batch == 0:
+            pair = choose_pair(ctx, present, previous_source) if present else None
+            if pair is None:
                 continue
-            present = present_classes(yb, fp["size_min"])
-            if pair_batch == 0:
-                pair = choose_pair(ctx, present, previous_source) if present else None
-                if pair is None:
-                    continue
-                steps, cost, sizes = fp["pair_steps"], fp["init_cost"], {}
-            elif failed:
-                steps, cost = fp["retry_steps"], fp["init_cost"]
-            else:
-                steps, cost = fp["refine_steps"], fp["refine_cost"]
-            pair_batch = (pair_batch + 1) % fp["pair_batches"]
-            if pair[0] in present:
-                xb, found, failed = yield from pair_step(ctx, pair, steps, cost, xb, yb, present, stats)
-                for d, size in (found or {}).items():
-                    sizes.setdefault(d, []).append(size)
-            else:
-                xb = None
-            if pair_batch == 0:
-                for d, values in sizes.items():
-                    update_matrices(state, d, values)
-                previous_source = pair[0]
-            if xb is not None:
-                yield Harden(xb, yb_device)
+            previous_source, sizes, failed = pair[0], {}, False
+        later = pair_batch > 0
+        pair_length = 1 if batch_index < ctx.num_classes else fp["pair_batches"]
+        pair_batch = (pair_batch + 1) % pair_length
+        found = None
+        if pair[0] in present:
+            xb, found, failed = yield from pair_step(ctx, pair, later, failed, xb, yb, present, stats)
+            for d, size in (found or {}).items():
+                sizes.setdefault(d, []).append(size)
+        if pair_batch == 0 and found is not None:
+            for d, values in sizes.items():
+                update_matrices(state, d, values)
+        if found is not None:
+            stats.hardened += 1
+            yield Harden(xb, yb_device)
     return stats
 
 
@@ -415,20 +498,24 @@ class ClientModels:
         optimizer.step()
 
 
-def run_programs(models, programs, fp, shape, generators, batched, timer):
+def run_programs(models, programs, fp, shape, generators, batched, timer, progress):
     """Drive the client programs to completion; returns each one's ClientStats. ``timer``
-    accumulates the seconds spent inverting and hardening."""
+    accumulates the seconds spent inverting and hardening; ``progress`` is logged as it goes."""
     template = models.template.eval()
     pending, stats = {}, {}
-    progress = tqdm(total=len(programs), desc="FLIP clients", leave=False, disable=None)
+    bar = tqdm(total=len(programs), desc="FLIP clients", leave=False, disable=None)
 
     def advance(i, value):
+        if isinstance(pending.get(i), Invert):
+            progress.inversions += 1
         try:
             pending[i] = programs[i].send(value)
         except StopIteration as stop:
             pending.pop(i, None)
             stats[i] = stop.value
-            progress.update()
+            progress.clients_done += 1
+            bar.update()
+        progress.maybe_log()
 
     for i in range(len(programs)):
         advance(i, None)
@@ -440,7 +527,7 @@ def run_programs(models, programs, fp, shape, generators, batched, timer):
         results = serve(models, template, inverting or ready, pending, fp, shape, generators, timer)
         for i, value in results.items():
             advance(i, value)
-    progress.close()
+    bar.close()
     return [stats[i] for i in range(len(programs))]
 
 
@@ -476,24 +563,30 @@ def flip_round(template, global_state, data, client_ids, params, client_states, 
     fp = params["flip"]
     models = ClientModels(template, global_state, len(client_ids), fp["harden_lr"])
     programs, generators = [], []
+    progress = RoundProgress(sum(planned_batches(len(data.client_indices[c]), fp) for c in client_ids),
+                             len(client_ids), params.get("progress_seconds", 60.0))
     for cid, seed in zip(client_ids, seeds):
         rows = data.client_indices[cid]
         y = data.train_y[rows]
         state = client_states.setdefault(cid, {}).setdefault("flip", new_state(data.num_classes))
         ctx = ClientContext(data.train_x[rows], y, y.cpu().numpy(), data.num_classes, fp, state,
-                            np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+                            np.random.default_rng(seed), torch.Generator().manual_seed(seed), progress)
         programs.append(client_program(ctx))
         generators.append(torch.Generator(device=device).manual_seed(seed))
     stats = run_programs(models, programs, fp, data.image_shape, generators, fp["batched"],
-                         timer or PhaseTimer(device))
+                         timer or PhaseTimer(device), progress)
     return [(m.state_dict(), len(data.client_indices[cid]), s.as_dict())
             for m, cid, s in zip(models.models, client_ids, stats)]
 
 
-def summarize_round(stats):
-    """Per-round FLIP numbers for metrics.csv."""
+def summarize_round(stats, target_label):
+    """Per-round FLIP numbers for metrics.csv; ``target_label`` is the attack's target, for
+    counting the hardening steps that stamped a trigger aimed at it."""
     stats = [s for s in stats if s is not None]
     runs = [s for s in stats if s["inversions"]]
     return {"flip_inversions": sum(s["inversions"] for s in stats),
             "flip_mask_l1": round(float(np.mean([s["mask_l1"] for s in runs])), 4) if runs else 0.0,
-            "flip_success": round(float(np.mean([s["success"] for s in runs])), 4) if runs else 0.0}
+            "flip_success": round(float(np.mean([s["success"] for s in runs])), 4) if runs else 0.0,
+            "flip_hardened": sum(s["hardened"] for s in stats),
+            "flip_stamped_to_target": sum(s["stamped"].get(target_label, 0) for s in stats),
+            "flip_oversize_skips": sum(s["oversize_skips"] for s in stats)}

@@ -20,7 +20,8 @@ from models import build_model
 logger = logging.getLogger(__name__)
 
 CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted"]
-FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success"]
+FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success", "flip_hardened", "flip_stamped_to_target",
+                "flip_oversize_skips"]
 
 
 def local_trigger_count(params):
@@ -138,7 +139,8 @@ class Federation:
                        for cid, p in zip(participants, poisoned)]
         updates, n_samples, flip_stats = (list(x) for x in zip(*results))
         ctx = defense.RoundContext(params, self.trainable,
-                                   helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER))
+                                   helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER),
+                                   participants)
         with self.timer("aggregation"):
             result = defense.aggregate(self.global_state, updates, n_samples, ctx)
             self.global_state = result.state
@@ -151,9 +153,12 @@ class Federation:
         if params["invert"]:
             import invert
 
-            row.update(invert.summarize_round(flip_stats))
-            logger.info("round %d FLIP: %d inversions, mean mask L1 %.2f, mean stamped success %.3f",
-                        round_no, row["flip_inversions"], row["flip_mask_l1"], row["flip_success"])
+            row.update(invert.summarize_round(flip_stats, params["poison_label_swap"]))
+            logger.info("round %d FLIP: %d inversions, mean mask L1 %.2f, mean stamped success %.3f, "
+                        "%d hardening steps (%d stamping a trigger toward label %d), %d skipped by the size cap",
+                        round_no, row["flip_inversions"], row["flip_mask_l1"], row["flip_success"],
+                        row["flip_hardened"], row["flip_stamped_to_target"], params["poison_label_swap"],
+                        row["flip_oversize_skips"])
         logger.info("round %d phases (s): %s", round_no,
                     ", ".join(f"{k} {v:.2f}" for k, v in self.timer.seconds.items()))
         norms = [float(defense.flatten(u, self.trainable).norm()) for u in updates]
@@ -168,7 +173,7 @@ def run(params, run_dir, device, resume=False):
     fed = Federation(params, run_dir, device)
     ckpt_path = os.path.join(run_dir, helper.FULL_CHECKPOINT)
     if resume:
-        fed.restore(torch.load(ckpt_path, map_location="cpu", weights_only=False))
+        fed.restore(helper.load_full_checkpoint(ckpt_path))
         logger.info("resuming after round %d", fed.last_round)
     else:
         helper.write_params(run_dir, params)
@@ -177,6 +182,7 @@ def run(params, run_dir, device, resume=False):
     clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, keep)
     metrics_path = metrics.path
     rounds = range(fed.last_round + 1, params["epochs"] + 1)
+    durations = []
     for round_no in tqdm(rounds, desc="rounds", disable=None):
         start = time.perf_counter()
         row, client_rows = fed.run_round(round_no)
@@ -184,13 +190,16 @@ def run(params, run_dir, device, resume=False):
         fed.last_round = round_no
         metrics.append([row])
         clients.append(client_rows)
-        logger.info("round %d: MA %.2f%% BA %.2f%% (raw MA %.2f%% BA %.2f%%, rejected %.3f) in %.1fs",
+        durations.append(row["seconds"])
+        logger.info("round %d: MA %.2f%% BA %.2f%% (raw MA %.2f%% BA %.2f%%, rejected %.3f) in %.1fs; "
+                    "%d round(s) left, about %.0f s",
                     round_no, row["main_acc"], row["backdoor_acc"], row["main_acc_raw"],
-                    row["backdoor_acc_raw"], row["rejected_frac"], row["seconds"])
+                    row["backdoor_acc_raw"], row["rejected_frac"], row["seconds"],
+                    params["epochs"] - round_no, np.mean(durations) * (params["epochs"] - round_no))
         if params["save_model"] and (round_no in params["save_on_epochs"] or round_no == params["epochs"]):
             helper.save_reference_checkpoint(os.path.join(run_dir, f"model_last.pt.tar.epoch_{round_no}"),
                                              fed.global_state, round_no, params["lr"])
-        helper.save_atomic(fed.state(), ckpt_path)
+        helper.save_full_checkpoint(fed.state(), ckpt_path)
     helper.plot_metrics(metrics_path, os.path.join(run_dir, "metrics.png"),
                         f"{params['type']} · {params['aggregation_methods']}"
                         f"{' + FLIP' if params['invert'] else ''}")

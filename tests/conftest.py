@@ -8,7 +8,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(2)
+torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 leaves a core to a background run
 
 SYNTHETIC = {
     "type": "synthetic",
