@@ -25,10 +25,12 @@ class Aggregation:
 @dataclass
 class RoundContext:
     """What a rule may need beyond the updates: config, the names of the model's trainable
-    parameters (in a fixed order) and a seeded generator on the model's device."""
+    parameters (in a fixed order), a seeded generator on the model's device, and the clients'
+    ids (for messages)."""
     params: dict
     trainable: list
     generator: torch.Generator
+    client_ids: list = None
 
 
 def _apply(global_state, combined):
@@ -125,5 +127,31 @@ def flame(global_state, updates, n_samples, ctx):
 AGGREGATORS = {"mean": fedavg, "weighted_mean": weighted_fedavg, "flame": flame}
 
 
+def is_finite_update(update):
+    """True when every floating entry of a client update is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in update.values() if v.is_floating_point())
+
+
 def aggregate(global_state, updates, n_samples, ctx):
-    return AGGREGATORS[ctx.params["aggregation_methods"]](global_state, updates, n_samples, ctx)
+    """Apply the configured rule to the clients whose updates are finite. A client sending NaN or
+    Inf is rejected (its ``admitted`` flag is False) and named in a warning; if no client is left,
+    or the rule's result is not finite, the global model stays as it was."""
+    ids = ctx.client_ids or list(range(len(updates)))
+    finite = [is_finite_update(u) for u in updates]
+    for cid, ok in zip(ids, finite):
+        if not ok:
+            logger.warning("client %s sent a non-finite update (NaN or Inf): rejected", cid)
+    kept = [i for i, ok in enumerate(finite) if ok]
+    unchanged = {k: v.clone() for k, v in global_state.items()}
+    if not kept:
+        logger.warning("every update of this round was rejected; the global model is unchanged")
+        return Aggregation(unchanged, [False] * len(updates))
+    result = AGGREGATORS[ctx.params["aggregation_methods"]](
+        global_state, [updates[i] for i in kept], [n_samples[i] for i in kept], ctx)
+    admitted = [False] * len(updates)
+    for i, ok in zip(kept, result.admitted):
+        admitted[i] = bool(ok)
+    if not is_finite_update(result.state):
+        logger.warning("the aggregate is not finite (overflow); the global model is unchanged")
+        return Aggregation(unchanged, admitted, result.stats)
+    return Aggregation(result.state, admitted, result.stats)

@@ -70,12 +70,86 @@ def save_reference_checkpoint(path, state_dict, epoch, lr):
                 "epoch": epoch, "lr": lr}, path)
 
 
-def load_reference_checkpoint(path, model):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the option or key and the file."""
+
+
+def _read_checkpoint(path, what):
+    """torch.load with weights_only=True (tensors and plain Python types only: a checkpoint from
+    an untrusted source cannot run code); any failure becomes one CheckpointError line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what}: checkpoint '{path}' not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{what}: '{path}' is not a readable checkpoint ({type(e).__name__}: "
+                              f"{reason[:200]})") from None
+
+
+def load_reference_checkpoint(path, model, what="resumed_model_name"):
     """Load a reference-format checkpoint into ``model``; returns its round (epoch)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = _read_checkpoint(path, what)
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{what}: '{path}' holds no model state_dict")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("wrong shape", wrong)) if keys)
+        raise CheckpointError(f"{what}: '{path}' does not fit model '{type(model).__name__}' ({detail}); "
+                              "check `model` and `type` in the YAML")
     model.load_state_dict(state)
     return int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
+
+
+def to_plain(obj):
+    """Numpy arrays (recursively inside dicts, lists and tuples) as tagged tensors, so that the
+    object loads with torch.load(weights_only=True); ``from_plain`` undoes it."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(obj.copy())}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    return obj
+
+
+def from_plain(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__"}:
+            return obj["__ndarray__"].numpy()
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(from_plain(v) for v in obj)
+    return obj
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def save_full_checkpoint(obj, path):
+    """Write the resume checkpoint atomically, keeping the one it replaces as ``*.prev.pt``."""
+    if os.path.exists(path):
+        os.replace(path, previous_checkpoint(path))
+    save_atomic(to_plain(obj), path)
+
+
+def load_full_checkpoint(path):
+    """The resume checkpoint; a corrupt one raises a CheckpointError that says how to fall back
+    to the previous round's."""
+    try:
+        return from_plain(_read_checkpoint(path, "--resume"))
+    except CheckpointError as e:
+        prev = previous_checkpoint(path)
+        hint = (f"; the previous round's is '{prev}': move it to '{path}' to resume from there"
+                if os.path.isfile(prev) else "")
+        raise CheckpointError(f"{e}{hint}") from None
 
 
 def save_atomic(obj, path):

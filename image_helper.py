@@ -8,6 +8,7 @@ import gzip
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar": "CIFAR10"}
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # idx type code -> bytes
 
 
 class DataError(RuntimeError):
@@ -56,10 +58,62 @@ def _copy_debian_fashion_mnist(root):
     logger.info("copied Fashion-MNIST from %s into %s", DEBIAN_FASHION_MNIST, raw)
 
 
+def idx_file_problem(path):
+    """Why an idx file (the MNIST format) cannot be read as a whole, or None if its size matches
+    its header."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[0] or magic[1] or magic[2] not in IDX_ITEM_BYTES:
+            return "not an idx file"
+        dims = f.read(4 * magic[3])
+    if len(dims) < 4 * magic[3]:
+        return "its header is cut short"
+    expected = 4 + len(dims) + int(np.prod(struct.unpack(f">{magic[3]}I", dims))) * IDX_ITEM_BYTES[magic[2]]
+    actual = os.path.getsize(path)
+    return None if actual == expected else f"{actual} bytes where its header says {expected}"
+
+
+def corrupt_files(cls, root):
+    """(path, reason) of the dataset's files in ``root`` that exist but are damaged."""
+    from torchvision.datasets.utils import check_integrity
+
+    bad = []
+    if hasattr(cls, "resources"):  # MNIST and Fashion-MNIST: idx files in <root>/<Class>/raw
+        raw = os.path.join(root, cls.__name__, "raw")
+        for url, _ in cls.resources:
+            path = os.path.join(raw, os.path.splitext(os.path.basename(url))[0])
+            why = idx_file_problem(path) if os.path.isfile(path) else None
+            if why:
+                bad.append((path, why))
+    else:  # CIFAR-10: pickled batches with known md5 sums
+        for name, md5 in cls.train_list + cls.test_list:
+            path = os.path.join(root, cls.base_folder, name)
+            if os.path.isfile(path) and not check_integrity(path, md5):
+                bad.append((path, "its md5 sum is wrong"))
+    return bad
+
+
+def _check_files(kind, cls, root):
+    """Refresh corrupt Fashion-MNIST files from Debian's copy where it exists; otherwise a
+    DataError naming the first damaged file and how to get it again."""
+    bad = corrupt_files(cls, root)
+    if not bad:
+        return
+    if kind == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
+        logger.warning("%s is damaged (%s): copying Fashion-MNIST again", *bad[0])
+        _copy_debian_fashion_mnist(root)
+        return
+    path, why = bad[0]
+    raise DataError(f"data file '{path}' is truncated or corrupt ({why}). Delete it and run again "
+                    "with internet access, so that torchvision downloads it again, or copy an intact "
+                    "file there.")
+
+
 def _torchvision_split(kind, root, train):
     from torchvision import datasets
 
     cls = getattr(datasets, TORCHVISION_CLASSES[kind])
+    _check_files(kind, cls, root)
     try:
         return cls(root, train=train, download=False)
     except RuntimeError:

@@ -22,9 +22,13 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--run-dir", help="output folder (default: runs/<type>_<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: all cores); 1 leaves the other cores to other work")
     args = p.parse_args(argv)
     if bool(args.params) == bool(args.resume):
         p.error("give exactly one of --params or --resume")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads: must be >= 1")
     return args
 
 
@@ -43,6 +47,8 @@ def load_params(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params, run_dir = load_params(args)
@@ -62,12 +68,15 @@ def main(argv=None):
 
     logging.getLogger().handlers.clear()
     helper.setup_logging(run_dir)
-    logger.info("run folder %s on %s", run_dir, device)
+    logger.info("run folder %s on %s (%d CPU threads)", run_dir, device, torch.get_num_threads())
     try:
         summary = train.run(params, run_dir, device, resume=bool(args.resume))
     except DataError as e:
         logger.error("%s", e)
         return 1
+    except helper.CheckpointError as e:
+        logger.error("%s", e)
+        return 2
     logger.info("done: %s", {k: summary[k] for k in ("peak_backdoor_acc", "total_seconds") if k in summary})
     return 0
 
