@@ -20,6 +20,7 @@ class Aggregation:
     state: dict
     admitted: list
     stats: dict = field(default_factory=dict)
+    client_stats: dict = field(default_factory=dict)  # name -> one value per client (clients.csv)
 
 
 @dataclass
@@ -70,31 +71,63 @@ def cosine_distances(vectors):
     return dist
 
 
-def largest_cluster(distances):
-    """Boolean admission mask: the largest HDBSCAN cluster of a precomputed distance matrix.
+@dataclass
+class Admission:
+    admitted: np.ndarray        # bool per client
+    outlier_scores: np.ndarray  # HDBSCAN's GLOSH score per client (NaN where not computed)
+    majority_ratios: np.ndarray  # j / h: distance at which a client joins the majority / at which it forms
 
-    Falls back to admitting everyone (with a warning) when clustering cannot decide: a single
-    client, identical models, or every client labelled noise.
+
+def _everyone(n, why):
+    logger.warning("FLAME: %s; all admitted", why)
+    return Admission(np.ones(n, dtype=bool), np.full(n, np.nan), np.full(n, np.nan))
+
+
+def flame_admission(distances, rule, outlier_max):
+    """Which clients FLAME admits, from HDBSCAN on a precomputed distance matrix
+    (min_cluster_size n//2+1, min_samples 1, single cluster allowed).
+
+    ``cluster``: the largest cluster's members, as the public implementations do. With a single
+    root cluster, HDBSCAN labels as members only the clients still in it when it dies, about
+    n//2+1 of them however benign the rest are. ``outlier_score``: clients whose GLOSH score
+    1 − h/j is at most ``outlier_max`` (h: the distance at which the majority forms, j: the one
+    at which the client joins it), i.e. whose ratio j/h is at most 1/(1 − outlier_max).
+    Degenerate rounds (one client, identical models, everyone noise) admit everyone with a
+    warning; when n//2+1 or more models are identical (h = 0) the ratio is undefined and the
+    ``cluster`` rule decides, with a warning.
     """
     import hdbscan
 
     n = distances.shape[0]
     if n < 2:
-        logger.warning("FLAME: %d client(s) this round; nothing to cluster, all admitted", n)
-        return np.ones(n, dtype=bool)
+        return _everyone(n, f"{n} client(s) this round, nothing to cluster")
     if float(distances.max()) < 1e-12:
-        logger.warning("FLAME: all client models are identical; all admitted")
-        return np.ones(n, dtype=bool)
+        return _everyone(n, "all client models are identical")
     clusterer = hdbscan.HDBSCAN(metric="precomputed", min_cluster_size=n // 2 + 1, min_samples=1,
                                 allow_single_cluster=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         labels = clusterer.fit_predict(distances.cpu().numpy())
+    scores = np.asarray(clusterer.outlier_scores_, dtype=float)
+    with np.errstate(divide="ignore"):
+        ratios = np.where(scores < 1.0, 1.0 / (1.0 - scores), np.inf)
     clustered = labels[labels >= 0]
     if clustered.size == 0:
-        logger.warning("FLAME: HDBSCAN labelled every client as noise; all admitted")
-        return np.ones(n, dtype=bool)
-    return labels == np.bincount(clustered).argmax()
+        return _everyone(n, "HDBSCAN labelled every client as noise")
+    in_cluster = labels == np.bincount(clustered).argmax()
+    if rule == "cluster":
+        return Admission(in_cluster, scores, ratios)
+    if majority_height(clusterer, n) < 1e-12:
+        logger.warning("FLAME: %d or more client models are identical, so outlier scores are "
+                       "undefined; admitting by the cluster rule", n // 2 + 1)
+        return Admission(in_cluster, scores, ratios)
+    return Admission(scores <= outlier_max, scores, ratios)
+
+
+def majority_height(clusterer, n):
+    """The distance at which n//2+1 clients first form one group in the single-linkage tree."""
+    tree = clusterer.single_linkage_tree_.to_numpy()
+    return float(tree[tree[:, 3] >= n // 2 + 1, 2].min())
 
 
 def flame(global_state, updates, n_samples, ctx):
@@ -105,23 +138,28 @@ def flame(global_state, updates, n_samples, ctx):
     cluster_keys = ([k for k in global_state] if ctx.params["flame_whole_state_dict"] else trainable)
     g_vec = flatten(global_state, cluster_keys)
     models = torch.stack([g_vec + flatten(u, cluster_keys) for u in updates])
-    admitted = largest_cluster(cosine_distances(models))
+    admission = flame_admission(cosine_distances(models), ctx.params["flame_admission"],
+                                ctx.params["flame_outlier_max"])
+    admitted = admission.admitted
 
     norms = torch.stack([flatten(u, trainable).norm() for u in updates])
     bound = norms.median()
     scales = (bound / norms.clamp_min(1e-12)).clamp(max=1.0)
     chosen = [i for i in range(len(updates)) if admitted[i]]
+    step = ctx.params["lr_para"] if ctx.params["flame_apply_lr_para"] else 1.0
     trainable_set = set(trainable)
     combined = {}
     for k in global_state:
         if k in trainable_set:
             mean = sum(updates[i][k].double() * scales[i] for i in chosen) / len(chosen)
             noise = torch.randn(mean.shape, generator=ctx.generator, device=mean.device, dtype=mean.dtype)
-            combined[k] = mean + ctx.params["flame_lambda"] * bound * noise
+            combined[k] = step * mean + ctx.params["flame_lambda"] * bound * noise
         else:
             combined[k] = sum(updates[i][k].float() for i in chosen) / len(chosen)
     stats = {"flame_clip_bound": float(bound)}
-    return Aggregation(_apply(global_state, combined), admitted.tolist(), stats)
+    client_stats = {"outlier_score": admission.outlier_scores.tolist(),
+                    "majority_ratio": admission.majority_ratios.tolist()}
+    return Aggregation(_apply(global_state, combined), admitted.tolist(), stats, client_stats)
 
 
 AGGREGATORS = {"mean": fedavg, "weighted_mean": weighted_fedavg, "flame": flame}
@@ -149,9 +187,12 @@ def aggregate(global_state, updates, n_samples, ctx):
     result = AGGREGATORS[ctx.params["aggregation_methods"]](
         global_state, [updates[i] for i in kept], [n_samples[i] for i in kept], ctx)
     admitted = [False] * len(updates)
-    for i, ok in zip(kept, result.admitted):
-        admitted[i] = bool(ok)
+    client_stats = {name: [float("nan")] * len(updates) for name in result.client_stats}
+    for j, i in enumerate(kept):
+        admitted[i] = bool(result.admitted[j])
+        for name, values in result.client_stats.items():
+            client_stats[name][i] = values[j]
     if not is_finite_update(result.state):
         logger.warning("the aggregate is not finite (overflow); the global model is unchanged")
-        return Aggregation(unchanged, admitted, result.stats)
-    return Aggregation(result.state, admitted, result.stats)
+        return Aggregation(unchanged, admitted, result.stats, client_stats)
+    return Aggregation(result.state, admitted, result.stats, client_stats)

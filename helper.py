@@ -217,16 +217,28 @@ def plot_metrics(metrics_path, out_path, title=""):
     plt.close(fig)
 
 
+def detection_totals(rows):
+    """The run's detection counts summed over rounds, with TPR and FPR (None without attackers,
+    or without benign clients)."""
+    totals = {k: sum(int(r.get(k) or 0) for r in rows)
+              for k in ("attackers_selected", "attackers_rejected", "benign_selected", "benign_rejected")}
+    a, b = totals["attackers_selected"], totals["benign_selected"]
+    totals["tpr"] = round(totals["attackers_rejected"] / a, 4) if a else None
+    totals["fpr"] = round(totals["benign_rejected"] / b, 4) if b else None
+    return totals
+
+
 def write_summary(run_dir, metrics_path, extra):
     """summary.json: the last round's metrics, peak BA and run facts."""
     rows = read_csv(metrics_path)
     summary = dict(extra)
     if rows:
         last = rows[-1]
-        summary["last_round"] = {k: float(v) for k, v in last.items()}
+        summary["last_round"] = {k: float(v) if v != "" else None for k, v in last.items()}
         summary["peak_backdoor_acc"] = max(float(r["backdoor_acc"]) for r in rows)
         summary["peak_backdoor_acc_raw"] = max(float(r["backdoor_acc_raw"]) for r in rows)
         summary["total_seconds"] = round(sum(float(r["seconds"]) for r in rows), 2)
+        summary["detection"] = detection_totals(rows)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

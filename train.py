@@ -19,7 +19,8 @@ from models import build_model
 
 logger = logging.getLogger(__name__)
 
-CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted"]
+CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted",
+                  "outlier_score", "majority_ratio"]
 FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success", "flip_hardened", "flip_stamped_to_target",
                 "flip_oversize_skips"]
 
@@ -34,7 +35,7 @@ def metric_columns(params):
             "rejected_frac", "backdoor_rejected_frac"]
     for k in range(local_trigger_count(params)):
         cols += [f"ba_trigger_{k}", f"ba_trigger_{k}_raw"]
-    cols += ["attackers_selected", "attackers_rejected", "benign_rejected"]
+    cols += ["attackers_selected", "attackers_rejected", "benign_selected", "benign_rejected", "tpr", "fpr"]
     if params["invert"]:
         cols += FLIP_COLUMNS
     return cols + ["seconds"]
@@ -49,6 +50,22 @@ def choose_participants(params, round_no, schedule):
     rng = np.random.default_rng(helper.derived_seed(params["seed"], round_no, helper.STREAM_SELECTION))
     others = rng.choice(pool, params["no_models"] - len(scheduled), replace=False)
     return scheduled + [int(c) for c in others]
+
+
+def rate(numerator, denominator):
+    """A fraction rounded for the records; empty when there is nothing to divide by."""
+    return round(numerator / denominator, 4) if denominator else ""
+
+
+def detection_counts(poisoned, admitted):
+    """How well the server's admission separated this round's poisoned updates from the benign
+    ones: TPR = attackers rejected / attackers, FPR = benign rejected / benign clients."""
+    attackers = sum(poisoned)
+    caught = sum(p and not a for p, a in zip(poisoned, admitted))
+    false_alarms = sum(not p and not a for p, a in zip(poisoned, admitted))
+    benign = len(poisoned) - attackers
+    return {"attackers_selected": attackers, "attackers_rejected": caught, "benign_selected": benign,
+            "benign_rejected": false_alarms, "tpr": rate(caught, attackers), "fpr": rate(false_alarms, benign)}
 
 
 class Federation:
@@ -147,9 +164,7 @@ class Federation:
         self.model.load_state_dict(self.global_state)
         with self.timer("evaluation"):
             row = {"round": round_no, **test.evaluate(self.model, self.data, params, self.triggers)}
-        row["attackers_selected"] = sum(poisoned)
-        row["attackers_rejected"] = sum(p and not a for p, a in zip(poisoned, result.admitted))
-        row["benign_rejected"] = sum(not p and not a for p, a in zip(poisoned, result.admitted))
+        row.update(detection_counts(poisoned, result.admitted))
         if params["invert"]:
             import invert
 
@@ -165,6 +180,9 @@ class Federation:
         client_rows = [{"round": round_no, "client_id": cid, "is_attacker": int(p), "n_samples": n,
                         "update_norm": round(norm, 6), "admitted": int(a)}
                        for cid, p, n, norm, a in zip(participants, poisoned, n_samples, norms, result.admitted)]
+        for name, values in result.client_stats.items():
+            for client_row, value in zip(client_rows, values):
+                client_row[name] = "" if np.isnan(value) else round(float(value), 6)
         return row, client_rows
 
 

@@ -1,6 +1,7 @@
-"""Results table (Markdown) and one MA/BA plot per attack from experiments/results/*/.
+"""Results tables (Markdown) and one MA/BA plot per attack from experiments/results/*/.
 
-    python experiments/report.py            # prints the table, writes experiments/<attack>.png
+    python experiments/report.py                    # the main table; writes experiments/<attack>.png
+    python experiments/report.py --flame-admission  # FLAME's admission rules (flame_admission.sh)
 """
 
 import csv
@@ -21,12 +22,17 @@ ATTACKS = {"single_shot": "single-shot DBA (x100, rounds 202/204/206/208)",
 DEFENSES = {"none": "no defense", "flip": "FLIP", "flame": "FLAME"}
 
 
-def load(run):
-    path = os.path.join(RESULTS, run, "metrics.csv")
+def read_rows(run, name):
+    """A run's CSV as dicts of floats (NaN for empty cells), or None when it has none."""
+    path = os.path.join(RESULTS, run, name)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def load(run):
+    return read_rows(run, "metrics.csv")
 
 
 def wall_seconds(run):
@@ -86,7 +92,44 @@ def plot(attack):
     return out
 
 
+ADMISSION_SCENARIOS = {"benign": "benign only", "single_shot": "single-shot", "continuous": "continuous"}
+ADMISSION_ALPHAS = ["0.1", "0.5", "1.0", "iid"]
+ADMISSION_RULES = ["cluster", "outlier_score"]
+
+
+def percent(part, whole):
+    return f"{100 * part / whole:.1f} % ({int(part)}/{int(whole)})" if whole else "–"
+
+
+def admission_table():
+    """Per scenario, Dirichlet alpha and rule: benign clients admitted (true-negative rate),
+    attacker updates rejected (true-positive rate), MA/BA at the last round and peak BA."""
+    lines = ["| scenario | alpha | rule | rounds | benign admitted | attackers rejected | MA | BA | peak BA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for scenario, label in ADMISSION_SCENARIOS.items():
+        for alpha in ADMISSION_ALPHAS:
+            for rule in ADMISSION_RULES:
+                run = os.path.join("flame_admission", f"{scenario}_{alpha}_{rule}")
+                rows, clients = load(run), read_rows(run, "clients.csv")
+                if not rows or not clients:
+                    lines.append(f"| {label} | {alpha} | {rule} | not run | | | | | |")
+                    continue
+                benign = [c for c in clients if c["is_attacker"] == 0]
+                attackers = [c for c in clients if c["is_attacker"] == 1]
+                last = rows[-1]
+                lines.append(
+                    f"| {label} | {alpha} | {rule} | {int(rows[0]['round'])}-{int(last['round'])} | "
+                    f"{percent(sum(c['admitted'] for c in benign), len(benign))} | "
+                    f"{percent(sum(1 - c['admitted'] for c in attackers), len(attackers))} | "
+                    f"{last['main_acc']:.2f} | {last['backdoor_acc']:.2f} | "
+                    f"{max(r['backdoor_acc'] for r in rows):.2f} |")
+    return "\n".join(lines)
+
+
 def main():
+    if "--flame-admission" in sys.argv[1:]:
+        print(admission_table())
+        return
     print(table())
     for attack in ATTACKS:
         if any(load(f"{attack}_{d}") for d in DEFENSES):

@@ -48,7 +48,8 @@ def hand_made_updates(n=6, bad=2, value=float("nan")):
 def test_a_non_finite_update_is_rejected_and_the_rest_aggregated(rule, value, caplog):
     state, updates = hand_made_updates(value=value)
     params = {"aggregation_methods": rule, "lr_para": 1.0, "no_models": 6, "flame_lambda": 0.0,
-              "flame_whole_state_dict": False}
+              "flame_whole_state_dict": False, "flame_admission": "cluster", "flame_outlier_max": 2 / 3,
+              "flame_apply_lr_para": False}
     ctx = defense.RoundContext(params, ["w", "b"], torch.Generator().manual_seed(0), [10, 11, 12, 13, 14, 15])
     result = defense.aggregate(state, updates, [50] * 6, ctx)
     assert result.admitted[2] is False

@@ -6,9 +6,12 @@ import defense
 from image_train import scale_update
 
 
+FLAME_DEFAULTS = {"flame_lambda": 0.0, "flame_whole_state_dict": False, "flame_admission": "cluster",
+                  "flame_outlier_max": 2 / 3, "flame_apply_lr_para": False}
+
+
 def ctx(**params):
-    base = {"lr_para": 0.1, "no_models": 3, "flame_lambda": 0.0, "flame_whole_state_dict": False,
-            "aggregation_methods": "mean"}
+    base = {**FLAME_DEFAULTS, "lr_para": 0.1, "no_models": 3, "aggregation_methods": "mean"}
     base.update(params)
     return defense.RoundContext(base, ["w", "b"], torch.Generator().manual_seed(0))
 
@@ -95,9 +98,53 @@ def test_flame_degenerate_cases_admit_everyone_without_crashing(caplog):
     assert "identical" in caplog.text and "nothing to cluster" in caplog.text
 
 
-def test_largest_cluster_all_noise_fallback():
+def test_admission_all_noise_fallback():
     d = torch.tensor(np.array([[0.0, 1.0], [1.0, 0.0]]))
-    assert defense.largest_cluster(d).tolist() in ([True, True], [True, False], [False, True])
+    for rule in ("cluster", "outlier_score"):
+        assert defense.flame_admission(d, rule, 2 / 3).admitted.tolist() in ([True, True], [True, False], [False, True])
+
+
+def majority_with_stragglers(seed=0):
+    """Ten update vectors: seven tight benign ones around a shared direction, a benign straggler
+    (twice their spread), a x100 scaled one and a direction-flipped one."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(300, generator=g, dtype=torch.float64)
+    tight = [base + 0.3 * torch.randn(300, generator=g, dtype=torch.float64) for _ in range(7)]
+    straggler = base + 0.6 * torch.randn(300, generator=g, dtype=torch.float64)
+    scaled = 100 * (base + 3.0 * torch.randn(300, generator=g, dtype=torch.float64))
+    flipped = -base + 0.3 * torch.randn(300, generator=g, dtype=torch.float64)
+    return torch.stack(tight + [straggler, scaled, flipped])
+
+
+def test_outlier_score_admits_a_benign_straggler_and_rejects_attackers():
+    d = defense.cosine_distances(majority_with_stragglers())
+    by_score = defense.flame_admission(d, "outlier_score", 2 / 3)
+    assert by_score.admitted.tolist() == [True] * 8 + [False, False]
+    assert np.allclose(by_score.majority_ratios, 1 / (1 - by_score.outlier_scores))
+    assert by_score.majority_ratios[7] < 3 < min(by_score.majority_ratios[8:])
+    by_cluster = defense.flame_admission(d, "cluster", 2 / 3)
+    assert not by_cluster.admitted[8:].any()
+    assert by_cluster.admitted[:8].sum() < 8  # HDBSCAN's labels drop benign clients too
+
+
+def test_outlier_score_with_identical_majority_falls_back_to_cluster(caplog):
+    vecs = majority_with_stragglers()
+    vecs[:6] = vecs[0]
+    admission = defense.flame_admission(defense.cosine_distances(vecs), "outlier_score", 2 / 3)
+    assert admission.admitted[:6].all() and not admission.admitted[8:].any()
+    assert "outlier scores are undefined" in caplog.text
+
+
+def test_flame_reports_outlier_scores_and_can_take_the_fedavg_step():
+    vecs = majority_with_stragglers().float()
+    g = {"w": torch.zeros(300), "b": torch.zeros(1)}
+    updates = [{"w": v, "b": torch.zeros(1)} for v in vecs]
+    full = defense.flame(g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10))
+    scaled = defense.flame(g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10,
+                                                     flame_apply_lr_para=True, lr_para=0.1))
+    assert len(full.client_stats["outlier_score"]) == 10
+    assert full.admitted == [True] * 8 + [False, False]
+    assert torch.allclose(scaled.state["w"], 0.1 * full.state["w"], atol=1e-6)
 
 
 def test_flame_batchnorm_statistics_do_not_make_benign_clients_outliers():
@@ -116,7 +163,7 @@ def test_flame_batchnorm_statistics_do_not_make_benign_clients_outliers():
                         "bn.running_var": scale * torch.rand(stats, generator=gen),
                         "bn.num_batches_tracked": torch.tensor(10)})
     trainable_only = defense.RoundContext(
-        {"lr_para": 1.0, "no_models": n, "flame_lambda": 0.0, "flame_whole_state_dict": False}, ["w"],
+        {**FLAME_DEFAULTS, "lr_para": 1.0, "no_models": n}, ["w"],
         torch.Generator().manual_seed(0))
     assert defense.flame(g, updates, [1] * n, trainable_only).admitted == [True] * n
     whole = defense.RoundContext({**trainable_only.params, "flame_whole_state_dict": True}, ["w"],
@@ -124,3 +171,47 @@ def test_flame_batchnorm_statistics_do_not_make_benign_clients_outliers():
     admitted = defense.flame(g, updates, [1] * n, whole).admitted
     assert not all(admitted)
     assert sum(admitted) >= n // 2 + 1
+
+
+def test_detection_counts_and_rates():
+    from helper import detection_totals
+    from train import detection_counts
+
+    row = detection_counts([True, False, False, True, False], [False, False, True, True, True])
+    assert row == {"attackers_selected": 2, "attackers_rejected": 1, "benign_selected": 3,
+                   "benign_rejected": 1, "tpr": 0.5, "fpr": 0.3333}
+    assert detection_counts([False, False], [True, True])["tpr"] == ""
+    rows = [{k: str(v) for k, v in row.items()},
+            {"attackers_selected": "0", "attackers_rejected": "0", "benign_selected": "4", "benign_rejected": "0"}]
+    totals = detection_totals(rows)
+    assert totals["tpr"] == 0.5 and totals["fpr"] == round(1 / 7, 4)
+
+
+def test_flame_run_records_outlier_scores_and_detection(tmp_path, synthetic_yaml):
+    import csv
+    import json
+
+    from conftest import run_main
+
+    run_dir = tmp_path / "run"
+    result = run_main("--params", synthetic_yaml({"epochs": 2, "no_models": 6}), "--run-dir", run_dir,
+                      "--device", "cpu", "--set", "aggregation_methods=flame",
+                      "--set", "flame_admission=outlier_score")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(run_dir / "clients.csv") as f:
+        clients = list(csv.DictReader(f))
+    for c in clients:
+        score, ratio = float(c["outlier_score"]), float(c["majority_ratio"])
+        if score < 0.9:  # (the CSV's 6 decimals of the score decide little beyond that)
+            assert ratio == pytest.approx(1 / (1 - score), rel=1e-4)
+        assert c["admitted"] == str(int(float(c["outlier_score"]) <= 2 / 3))
+    attacker = [c for c in clients if c["is_attacker"] == "1"]
+    assert len(attacker) == 1 and attacker[0]["admitted"] == "0"
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["tpr"] == "1.0"
+    benign = [c for c in clients if c["is_attacker"] == "0"]
+    summary = json.loads((run_dir / "summary.json").read_text())["detection"]
+    assert summary["benign_selected"] == len(benign)
+    assert summary["benign_rejected"] == sum(c["admitted"] == "0" for c in benign)
+    assert summary["tpr"] == 1.0
