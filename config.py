@@ -111,6 +111,8 @@ FIELDS = {
     "save_on_epochs": Field("int_list", []),
     "resumed_model": Field("bool", False),
     "resumed_model_name": Field("str", ""),
+    "pretrain": Field("bool", True),
+    "pretrain_rounds": Field("int", optional=True, check=_positive, rule=">= 1"),
     "progress_seconds": Field("float", 60.0, _positive, "> 0"),
     "synthetic_shape": Field("shape", [1, 28, 28]),
     "synthetic_classes": Field("int", 10, lambda v: v >= 2, ">= 2"),
@@ -324,13 +326,26 @@ def resolve(raw):
             raise ConfigError(f"{key}: there is no attacker {m.group(1)} in adversary_list")
     _validate_attack(params)
     if params["resumed_model"] and not os.path.isfile(params["resumed_model_name"]):
-        raise ConfigError(
-            f"resumed_model_name: checkpoint '{params['resumed_model_name']}' not found "
-            "(make it with the pretraining command in README.md, or set resumed_model: false)"
-        )
+        if not params["pretrain"]:
+            raise ConfigError(
+                f"resumed_model_name: checkpoint '{params['resumed_model_name']}' not found (pretrain is "
+                "off: drop --no-pretrain to train it first, or set resumed_model: false)")
+        pretrain_rounds(params)
     if params["invert"]:
         params["flip"] = resolve_flip_params(params["flip"], params["type"])
     return params
+
+
+def pretrain_rounds(params):
+    """How many clean rounds make the missing start model: `pretrain_rounds`, else the `epoch_N`
+    suffix of `resumed_model_name` (the reference's file names)."""
+    if params["pretrain_rounds"] is not None:
+        return params["pretrain_rounds"]
+    match = re.search(r"epoch_(\d+)$", params["resumed_model_name"])
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(f"pretrain_rounds: needed to make '{params['resumed_model_name']}', whose name "
+                          "does not end in epoch_<rounds>")
+    return int(match.group(1))
 
 
 def parse_override(text):

@@ -22,6 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--run-dir", help="output folder (default: runs/<type>_<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--no-pretrain", action="store_true",
+                   help="stop with an error when resumed_model_name does not exist, instead of training it")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: all cores); 1 leaves the other cores to other work")
     args = p.parse_args(argv)
@@ -40,7 +42,7 @@ def load_params(args):
             key, value = parse_override(text)
             raw[key] = value
         return resolve(raw), args.resume
-    params = load_config(args.params, args.set)
+    params = load_config(args.params, args.set + (["pretrain=false"] if args.no_pretrain else []))
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     return params, args.run_dir or os.path.join("runs", f"{params['type']}_{stamp}")
 

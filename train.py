@@ -1,7 +1,9 @@
 """The federated round loop: choose clients, train them, aggregate, evaluate, record, checkpoint."""
 
+import copy
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -12,7 +14,7 @@ import defense
 import helper
 import image_train
 import test
-from config import attacker_rounds
+from config import attacker_rounds, pretrain_rounds
 from image_helper import (attacker_trigger_index, load_federated_data, trigger_mask, trigger_name,
                           trigger_pixels)
 from models import build_model
@@ -186,8 +188,43 @@ class Federation:
         return row, client_rows
 
 
+def clean_params(params, rounds):
+    """The run that makes a start model: the experiment's federation and training settings from
+    round 1 to ``rounds``, with no attack and no defense."""
+    clean = copy.deepcopy(params)
+    clean.update(resumed_model=False, is_poison=False, invert=False, aggregation_methods="mean",
+                 epochs=rounds, save_model=True, save_on_epochs=[rounds])
+    return clean
+
+
+def ensure_start_model(params, run_dir, device):
+    """Train the clean start model named by `resumed_model_name` when it does not exist yet: a
+    FedAvg run in its folder (log, metrics and plot beside it), resumed if it was interrupted."""
+    path = params["resumed_model_name"]
+    if not params["resumed_model"] or os.path.isfile(path):
+        return
+    rounds = pretrain_rounds(params)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    resume = os.path.isfile(os.path.join(folder, helper.FULL_CHECKPOINT))
+    logger.info("resumed_model_name '%s' does not exist: %s the clean start model first (%d FedAvg "
+                "rounds, no attack, no defense) in %s; its log gives the time left after every round",
+                path, "continuing" if resume else "training", rounds, folder)
+    helper.setup_logging(folder)
+    try:
+        run(clean_params(params, rounds), folder, device, resume=resume)
+    finally:
+        helper.setup_logging(run_dir)
+    made = os.path.join(folder, f"model_last.pt.tar.epoch_{rounds}")
+    if os.path.abspath(made) != os.path.abspath(path):
+        shutil.copyfile(made, path)
+    logger.info("start model ready: %s", path)
+
+
 def run(params, run_dir, device, resume=False):
     """Run (or resume) an experiment in ``run_dir``; returns the summary dict."""
+    if not resume:
+        ensure_start_model(params, run_dir, device)
     fed = Federation(params, run_dir, device)
     ckpt_path = os.path.join(run_dir, helper.FULL_CHECKPOINT)
     if resume:
