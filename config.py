@@ -26,7 +26,8 @@ DATASET_SHAPES = {
 DATASET_TYPES = sorted(DATASET_SHAPES) + ["synthetic"]
 DEFAULT_MODEL = {"mnist": "MnistNet", "fashion_mnist": "MnistNet", "cifar": "ResNet18"}
 MODELS = ["MnistNet", "ResNet18"]
-AGGREGATION_METHODS = ["mean", "weighted_mean", "flame"]
+AGGREGATION_METHODS = ["mean", "weighted_mean", "flame", "krum", "multi_krum", "bulyan", "median",
+                       "trimmed_mean", "rfa", "foolsgold", "norm_clipping", "weak_dp", "fltrust"]
 ATTACK_MODES = ["single_shot", "continuous"]
 # Confidence threshold each attack mode implies when the YAML does not set one (REFERENCE.md §2).
 MODE_THRESHOLD = {"single_shot": 0.0, "continuous": 0.4}
@@ -93,6 +94,16 @@ FIELDS = {
     "flame_admission": Field("str", "cluster", choices=["cluster", "outlier_score"]),
     "flame_outlier_max": Field("float", 2 / 3, lambda v: 0 <= v < 1, "in [0, 1)"),
     "flame_apply_lr_para": Field("bool", False),
+    "robust_f": Field("int", 1, _non_negative, ">= 0"),
+    "multi_krum_m": Field("int", optional=True, check=_positive, rule=">= 1"),
+    "trim_fraction": Field("float", 0.1, lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "rfa_iterations": Field("int", 10, _positive, ">= 1"),
+    "rfa_smoothing": Field("float", 1e-6, _positive, "> 0"),
+    "clip_norm": Field("float", 1.0, _positive, "> 0"),
+    "dp_sigma": Field("float", 0.001, _non_negative, ">= 0"),
+    "foolsgold_memory": Field("bool", True),
+    "foolsgold_features": Field("str", "classifier", choices=["classifier", "all"]),
+    "fltrust_root_size": Field("int", 100, _positive, ">= 1"),
     "is_poison": Field("bool", True),
     "attack_mode": Field("str", "single_shot", choices=ATTACK_MODES),
     "adversary_list": Field("int_list", []),
@@ -250,6 +261,17 @@ def attacker_rounds(params, start_round):
     return rounds
 
 
+def _validate_defense(params):
+    """Robust rules that assume f attackers among the n clients of a round need enough clients."""
+    rule, n, f = params["aggregation_methods"], params["no_models"], params["robust_f"]
+    needed = {"krum": 2 * f + 3, "multi_krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(rule)
+    if needed and n < needed:
+        raise ConfigError(f"robust_f: {rule} with f={f} assumed attackers needs at least {needed} "
+                          f"clients per round (no_models={n})")
+    if rule == "multi_krum" and params["multi_krum_m"] and params["multi_krum_m"] > n:
+        raise ConfigError(f"multi_krum_m: {params['multi_krum_m']} exceeds no_models={n}")
+
+
 def _validate_attack(params):
     shape, classes = image_shape(params)
     _, height, width = shape
@@ -325,6 +347,7 @@ def resolve(raw):
         if m and int(m.group(1)) >= max(len(params["adversary_list"]), 1):
             raise ConfigError(f"{key}: there is no attacker {m.group(1)} in adversary_list")
     _validate_attack(params)
+    _validate_defense(params)
     if params["resumed_model"] and not os.path.isfile(params["resumed_model_name"]):
         if not params["pretrain"]:
             raise ConfigError(
@@ -369,10 +392,21 @@ def load_raw(path):
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
 
 
-def load_config(path, overrides=()):
-    """Read a YAML file, apply ``key=value`` overrides and return resolved params."""
-    raw = load_raw(path)
+def apply_overrides(raw, overrides):
+    """Apply ``key=value`` overrides to a raw YAML mapping; ``group.key=value`` sets one key of a
+    group (``flip.batched=false``)."""
     for text in overrides:
         key, value = parse_override(text)
-        raw[key] = value
-    return resolve(raw)
+        group, dot, sub = key.partition(".")
+        if dot:
+            if not isinstance(raw.get(group, {}), dict) or FIELDS.get(group, Field("")).kind != "dict":
+                raise ConfigError(f"--set {key}: '{group}' is not a group of keys")
+            raw[group] = {**(raw.get(group) or {}), sub: value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def load_config(path, overrides=()):
+    """Read a YAML file, apply ``key=value`` overrides and return resolved params."""
+    return resolve(apply_overrides(load_raw(path), overrides))

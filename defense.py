@@ -7,10 +7,13 @@ state_dict and which clients it admitted. Select one with `aggregation_methods` 
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+import reweighting
+import robust_rules
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +29,16 @@ class Aggregation:
 @dataclass
 class RoundContext:
     """What a rule may need beyond the updates: config, the names of the model's trainable
-    parameters (in a fixed order), a seeded generator on the model's device, and the clients'
-    ids (for messages)."""
+    parameters (in a fixed order), a seeded generator on the model's device, the clients' ids,
+    the server's state kept across rounds (saved in the resume checkpoint), FLTrust's server
+    update on its root set, and (set by ``vector_rule``) the trainable parameters' sizes."""
     params: dict
     trainable: list
     generator: torch.Generator
     client_ids: list = None
+    server_state: dict = field(default_factory=dict)
+    root_update: object = None
+    layout: list = None
 
 
 def _apply(global_state, combined):
@@ -162,7 +169,45 @@ def flame(global_state, updates, n_samples, ctx):
     return Aggregation(_apply(global_state, combined), admitted.tolist(), stats, client_stats)
 
 
-AGGREGATORS = {"mean": fedavg, "weighted_mean": weighted_fedavg, "flame": flame}
+def vector_rule(rule):
+    """An aggregation rule from a rule of robust_rules.py or reweighting.py, which sees the
+    clients' trainable parameters as one update matrix. Server step, the same for every such
+    rule (and FedAvg): trainable parameters G + lr_para · aggregate (+ the rule's noise); floating
+    buffers (BatchNorm statistics) G + lr_para · the mean of the admitted clients' buffer updates;
+    integer buffers keep the global value."""
+    def aggregate_rule(global_state, updates, n_samples, ctx):
+        ctx = replace(ctx, layout=[(k, global_state[k].numel()) for k in ctx.trainable],
+                      root_update=None if ctx.root_update is None else flatten(ctx.root_update, ctx.trainable))
+        U = torch.stack([flatten(u, ctx.trainable) for u in updates])
+        result = rule(U, n_samples, ctx)
+        step = ctx.params["lr_para"]
+        chosen = [i for i in range(len(updates)) if result.admitted[i]]
+        pieces = dict(zip(ctx.trainable, result.update.split([size for _, size in ctx.layout])))
+        combined = {}
+        for k, v in global_state.items():
+            if k in pieces:
+                combined[k] = step * pieces[k].view(v.shape)
+                if result.model_noise:
+                    combined[k] = combined[k] + result.model_noise * torch.randn(
+                        v.shape, generator=ctx.generator, device=v.device, dtype=combined[k].dtype)
+            elif v.is_floating_point() and chosen:
+                combined[k] = step * sum(updates[i][k].float() for i in chosen) / len(chosen)
+            else:
+                combined[k] = torch.zeros_like(v)
+        return Aggregation(_apply(global_state, combined), result.admitted.tolist(), result.stats)
+
+    aggregate_rule.__doc__ = rule.__doc__
+    return aggregate_rule
+
+
+# The aggregation rules by their `aggregation_methods` name: to add one, write it in
+# robust_rules.py or reweighting.py (update matrix in, VectorResult out) and register it here.
+AGGREGATORS = {
+    "mean": fedavg, "weighted_mean": weighted_fedavg, "flame": flame,
+    **{name: vector_rule(getattr(robust_rules, name)) for name in
+       ("krum", "multi_krum", "bulyan", "median", "trimmed_mean", "rfa", "norm_clipping", "weak_dp")},
+    **{name: vector_rule(getattr(reweighting, name)) for name in ("foolsgold", "fltrust")},
+}
 
 
 def is_finite_update(update):
@@ -185,7 +230,8 @@ def aggregate(global_state, updates, n_samples, ctx):
         logger.warning("every update of this round was rejected; the global model is unchanged")
         return Aggregation(unchanged, [False] * len(updates))
     result = AGGREGATORS[ctx.params["aggregation_methods"]](
-        global_state, [updates[i] for i in kept], [n_samples[i] for i in kept], ctx)
+        global_state, [updates[i] for i in kept], [n_samples[i] for i in kept],
+        replace(ctx, client_ids=[ids[i] for i in kept]))
     admitted = [False] * len(updates)
     client_stats = {name: [float("nan")] * len(updates) for name in result.client_stats}
     for j, i in enumerate(kept):

@@ -36,6 +36,7 @@ class FederatedData:
     client_indices: list  # one LongTensor of training-set indices per client
     image_shape: tuple
     num_classes: int
+    root_indices: torch.Tensor = None  # FLTrust's server root set, held out from every client
 
     def client_batch(self, client_id, idx):
         """Images and labels of a client's local samples at positions ``idx``."""
@@ -192,10 +193,15 @@ def load_federated_data(params, device):
     train_x, train_y, test_x, test_y = load_arrays(params)
     rng = np.random.default_rng(params["seed"])
     n = params["number_of_total_participants"]
+    pool, root = np.arange(len(train_y)), None
+    if params["aggregation_methods"] == "fltrust":
+        root = np.sort(rng.choice(len(train_y), params["fltrust_root_size"], replace=False))
+        pool = np.setdiff1d(pool, root)
     if params["sampling_dirichlet"]:
-        splits = dirichlet_split(train_y.numpy(), n, params["dirichlet_alpha"], rng)
+        splits = dirichlet_split(train_y.numpy()[pool], n, params["dirichlet_alpha"], rng)
     else:
-        splits = iid_split(len(train_y), n, rng)
+        splits = iid_split(len(pool), n, rng)
+    splits = [pool[s] for s in splits]
     shape, classes = tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max())) + 1
     expected_shape, expected_classes = image_shape(params)
     if shape != tuple(expected_shape) or classes > expected_classes:
@@ -209,6 +215,7 @@ def load_federated_data(params, device):
         test_x=test_x.to(device), test_y=test_y.to(device),
         client_indices=[torch.as_tensor(s, device=device) for s in splits],
         image_shape=shape, num_classes=expected_classes,
+        root_indices=None if root is None else torch.as_tensor(root, device=device),
     )
 
 

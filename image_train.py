@@ -18,16 +18,20 @@ def sgd(model, lr, params):
 
 def benign_train(model, data, client_id, params, generator):
     """`internal_epochs` passes of SGD on the client's own data; returns the sample count."""
-    n = len(data.client_indices[client_id])
+    return sgd_passes(model, data, data.client_indices[client_id], params, generator)
+
+
+def sgd_passes(model, data, rows, params, generator):
+    """`internal_epochs` passes of SGD over the training samples ``rows``; returns their count."""
     optimizer = sgd(model, params["lr"], params)
     model.train()
     for _ in range(params["internal_epochs"]):
-        for idx in shuffled_batches(n, params["batch_size"], generator, data.train_x.device):
-            x, y = data.client_batch(client_id, idx)
+        for idx in shuffled_batches(len(rows), params["batch_size"], generator, data.train_x.device):
+            batch = rows[idx]
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(data.train_x[batch]), data.train_y[batch]).backward()
             optimizer.step()
-    return n
+    return len(rows)
 
 
 def poison_train(model, data, client_id, trigger, params, generator):

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from config import ConfigError, load_config, load_raw, parse_override, resolve
+from config import ConfigError, apply_overrides, load_config, load_raw, resolve
 from image_helper import DataError
 
 logger = logging.getLogger("main")
@@ -37,10 +37,7 @@ def parse_args(argv=None):
 def load_params(args):
     """Resolved params and the run folder, for a new run or a resumed one."""
     if args.resume:
-        raw = load_raw(os.path.join(args.resume, "params.yaml"))
-        for text in args.set:
-            key, value = parse_override(text)
-            raw[key] = value
+        raw = apply_overrides(load_raw(os.path.join(args.resume, "params.yaml")), args.set)
         return resolve(raw), args.resume
     params = load_config(args.params, args.set + (["pretrain=false"] if args.no_pretrain else []))
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")

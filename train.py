@@ -87,6 +87,7 @@ class Federation:
         self.model.to(device)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.client_states = {}
+        self.server_state = {}
         self.last_round = self.first_round - 1
         self.timer = helper.PhaseTimer(device)
         _, h, w = self.data.image_shape
@@ -99,13 +100,23 @@ class Federation:
     def state(self):
         return {"round": self.last_round, "first_round": self.first_round,
                 "global_state": self.global_state, "client_states": self.client_states,
-                "torch_rng": torch.get_rng_state()}
+                "server_state": self.server_state, "torch_rng": torch.get_rng_state()}
 
     def restore(self, ckpt):
         self.last_round, self.first_round = ckpt["round"], ckpt["first_round"]
         self.global_state = {k: v.to(self.device) for k, v in ckpt["global_state"].items()}
         self.client_states = ckpt["client_states"]
+        self.server_state = ckpt.get("server_state", {})
         torch.set_rng_state(ckpt["torch_rng"])
+
+    def root_update(self, round_no):
+        """FLTrust's server update: the clients' benign training on the server's root set."""
+        if self.data.root_indices is None:
+            return None
+        self.model.load_state_dict(self.global_state)
+        gen = torch.Generator().manual_seed(helper.derived_seed(self.params["seed"], round_no, helper.STREAM_SERVER))
+        image_train.sgd_passes(self.model, self.data, self.data.root_indices, self.params, gen)
+        return image_train.state_difference(self.model.state_dict(), self.global_state)
 
     def client_seed(self, round_no, cid):
         return helper.derived_seed(self.params["seed"], round_no, helper.STREAM_CLIENT, cid)
@@ -159,8 +170,9 @@ class Federation:
         updates, n_samples, flip_stats = (list(x) for x in zip(*results))
         ctx = defense.RoundContext(params, self.trainable,
                                    helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER),
-                                   participants)
+                                   participants, self.server_state)
         with self.timer("aggregation"):
+            ctx.root_update = self.root_update(round_no)
             result = defense.aggregate(self.global_state, updates, n_samples, ctx)
             self.global_state = result.state
         self.model.load_state_dict(self.global_state)

@@ -16,7 +16,7 @@ from models import build_model
     ({"adversary_list": [5, 99]}, "adversary_list"),
     ({"1_poison_pattern": [[3, 0], [28, 1]]}, "1_poison_pattern"),
     ({"confidence_threshold": 1.5}, "confidence_threshold"),
-    ({"aggregation_methods": "krum"}, "aggregation_methods"),
+    ({"aggregation_methods": "krum2"}, "aggregation_methods"),
     ({"batch_size": "big"}, "batch_size"),
     ({"invert": True, "flip": {"warmup_stepz": 10}}, "flip.warmup_steps"),
     ({"invert": True, "flip": {"portion": 2}}, "flip.portion"),
@@ -39,6 +39,17 @@ def test_set_overrides_parse_as_yaml(tmp_path):
     path = write_yaml(tmp_path / "c.yaml")
     params = config.load_config(path, ["epochs=7", "adversary_list=[1, 2]", "0_poison_epochs=[4]"])
     assert params["epochs"] == 7 and params["adversary_list"] == [1, 2] and params["0_poison_epochs"] == [4]
+
+
+def test_set_reaches_one_key_of_a_group(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"invert": True, "flip": {"batched": True, "warmup_steps": 50}})
+    params = config.load_config(path, ["flip.batched=false", "flip.pair_steps=7"])
+    assert params["flip"]["batched"] is False and params["flip"]["pair_steps"] == 7
+    assert params["flip"]["warmup_steps"] == 50
+    with pytest.raises(config.ConfigError, match="flip.pair_stepz"):
+        config.load_config(path, ["flip.pair_stepz=7"])
+    with pytest.raises(config.ConfigError, match="'lr' is not a group"):
+        config.load_config(path, ["lr.x=1"])
 
 
 def test_attack_mode_switch_sets_schedule_scaling_and_threshold():
