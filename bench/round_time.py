@@ -1,11 +1,17 @@
-"""Seconds per FLIP round on real Fashion-MNIST, by phase, with peak memory.
+"""Seconds per FLIP round, by phase, with peak memory (real Fashion-MNIST by default).
 
     python bench/round_time.py                     # batched executor, config defaults
     python bench/round_time.py --sequential        # one client after the other
     python bench/round_time.py --compare           # both, and how far their results differ
+    python bench/round_time.py --params utils/cifar.yaml --synthetic --clients 1 --budget-scale 0.1
 
 The round is the first round after the YAML's resumed model (or round 1 without one), with no
 attacker, so all `no_models` clients are benign and chosen for the first time: warm-up runs.
+`--synthetic` replaces the dataset by synthetic images of its real shape and training-set size
+(for CIFAR-10 and MNIST, which cannot be downloaded everywhere), from a fresh model.
+`--budget-scale F` multiplies every inversion's step count by F (a CPU cannot run a CIFAR-10
+round at the full budget in reasonable time); the JSON line then also gives `full_budget_estimate`,
+the round's seconds with the inversion time divided by F (inversion time is linear in steps).
 """
 
 import argparse
@@ -22,6 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
 import train  # noqa: E402
+
+
+TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar": 50000}
+STEP_KEYS = ["warmup_steps", "pair_steps", "refine_steps", "retry_steps", "single_refine_steps", "single_retry_steps"]
 
 
 def one_round(params, device):
@@ -50,9 +60,21 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sequential", action="store_true", help="run clients one after the other")
     p.add_argument("--compare", action="store_true", help="run batched and sequential, compare results")
+    p.add_argument("--clients", type=int, help="benign clients in the round (default: no_models)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic data of the dataset's real shape and size")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every inversion's steps by this")
     args = p.parse_args()
     overrides = ["invert=true", "is_poison=false"] + args.set
+    if args.clients:
+        overrides.append(f"no_models={args.clients}")
+    if args.synthetic:
+        dataset = config.load_raw(args.params)["type"]
+        shape, _ = config.DATASET_SHAPES[dataset]
+        overrides += ["type=synthetic", f"synthetic_shape={list(shape)}", f"model={config.DEFAULT_MODEL[dataset]}",
+                      f"synthetic_train_size={TRAIN_SIZES[dataset]}", "resumed_model=false"]
     params = config.load_config(args.params, overrides)
+    for key in STEP_KEYS:
+        params["flip"][key] = max(1, round(params["flip"][key] * args.budget_scale))
     if params["resumed_model"] and not os.path.isfile(params["resumed_model_name"]):
         params["resumed_model"] = False
     modes = [True, False] if args.compare else [not args.sequential]
@@ -61,7 +83,11 @@ def main():
         run_params = {**params, "flip": {**params["flip"], "batched": batched}}
         result, states[batched] = one_round(run_params, args.device)
         result.update(mode="batched" if batched else "sequential", device=args.device,
-                      threads=torch.get_num_threads(), cpu=os.cpu_count())
+                      threads=torch.get_num_threads(), cpu=os.cpu_count(), dataset=args.params,
+                      synthetic=args.synthetic, budget_scale=args.budget_scale)
+        if args.budget_scale != 1.0:
+            inversion = result["phases"].get("inversion", 0.0)
+            result["full_budget_estimate"] = round(result["round_seconds"] + inversion * (1 / args.budget_scale - 1), 1)
         print(json.dumps(result))
     if args.compare:
         diff = max(float((states[True][k].float() - states[False][k].float()).abs().max()) for k in states[True])

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Fashion-MNIST: {single-shot, continuous} DBA x {no defense, FLIP, FLAME}, from our clean round-200
-# model, seed 1, to round LAST (default 218: ten rounds after the last single-shot attack).
-#   bash experiments/fmnist.sh                 # all six runs
+# Fashion-MNIST: {single-shot, continuous} DBA x {no defense, FLIP, FLAME, the robust baselines},
+# from our clean round-200 model, seed 1, to round LAST (default 218: ten rounds after the last
+# single-shot attack). A defense is none, flip or any `aggregation_methods` name.
+#   bash experiments/fmnist.sh                 # none, flip and flame for both attacks
 #   bash experiments/fmnist.sh single_shot flame   # one of them
+#   bash experiments/fmnist.sh "single_shot continuous" "$(echo $BASELINES)"   # see BASELINES below
 #   THREADS=1 bash experiments/fmnist.sh single_shot flip   # on one core (main.py --threads)
 # Results go to experiments/results/<attack>_<defense>/; experiments/report.py tabulates them.
+# A run folder with a checkpoint is resumed (a finished one only rewrites its summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -12,12 +15,13 @@ LAST="${LAST:-218}"
 threads=(${THREADS:+--threads "$THREADS"})
 attacks="${1:-single_shot continuous}"
 defenses="${2:-none flip flame}"
+BASELINES="krum multi_krum bulyan median trimmed_mean rfa foolsgold norm_clipping weak_dp fltrust"
 for attack in $attacks; do
   for defense in $defenses; do
     case "$defense" in
       none)  flags=(--set invert=false --set aggregation_methods=mean) ;;
       flip)  flags=(--set invert=true --set aggregation_methods=mean) ;;
-      flame) flags=(--set invert=false --set aggregation_methods=flame) ;;
+      *)     flags=(--set invert=false --set "aggregation_methods=$defense") ;;
     esac
     if [ "$attack" = continuous ]; then
       flags+=(--set attack_mode=continuous)

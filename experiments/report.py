@@ -1,7 +1,10 @@
 """Results tables (Markdown) and one MA/BA plot per attack from experiments/results/*/.
 
     python experiments/report.py                    # the main table; writes experiments/<attack>.png
+                                                    # and, with baseline runs, <attack>_defenses.png
     python experiments/report.py --flame-admission  # FLAME's admission rules (flame_admission.sh)
+    python experiments/report.py --flame-batchnorm  # FLAME on a BatchNorm model (flame_batchnorm.sh)
+    python experiments/report.py --flip-rounds=single_shot   # FLIP vs no defense, round by round
 """
 
 import csv
@@ -20,6 +23,10 @@ RESULTS = os.path.join(HERE, "results")
 ATTACKS = {"single_shot": "single-shot DBA (x100, rounds 202/204/206/208)",
            "continuous": "continuous DBA (every round, threshold 0.4)"}
 DEFENSES = {"none": "no defense", "flip": "FLIP", "flame": "FLAME"}
+BASELINES = {"krum": "Krum", "multi_krum": "Multi-Krum", "bulyan": "Bulyan", "median": "median",
+             "trimmed_mean": "trimmed mean", "rfa": "RFA", "foolsgold": "FoolsGold",
+             "norm_clipping": "norm clipping", "weak_dp": "weak DP", "fltrust": "FLTrust"}
+ALL_DEFENSES = {**DEFENSES, **BASELINES}
 
 
 def read_rows(run, name):
@@ -48,10 +55,11 @@ def table():
              "attackers rejected / selected | benign rejected | wall time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack in ATTACKS:
-        for defense in DEFENSES:
+        for defense, label in ALL_DEFENSES.items():
             rows = load(f"{attack}_{defense}")
             if not rows:
-                lines.append(f"| {attack} | {DEFENSES[defense]} | not run | | | | | | | | | |")
+                if defense in DEFENSES:
+                    lines.append(f"| {attack} | {label} | not run | | | | | | | | | |")
                 continue
             last = rows[-1]
             rejected = sum(r["attackers_rejected"] for r in rows)
@@ -60,7 +68,7 @@ def table():
             secs = wall_seconds(f"{attack}_{defense}")
             wall = f"{secs:.0f} s" if secs is not None else ""
             lines.append(
-                f"| {attack} | {DEFENSES[defense]} | {int(rows[0]['round'])}-{int(last['round'])} | "
+                f"| {attack} | {label} | {int(rows[0]['round'])}-{int(last['round'])} | "
                 f"{last['main_acc']:.2f} | {last['main_acc_raw']:.2f} | {last['backdoor_acc']:.2f} | "
                 f"{last['backdoor_acc_raw']:.2f} | {max(r['backdoor_acc'] for r in rows):.2f} | "
                 f"{max(r['backdoor_acc_raw'] for r in rows):.2f} | {int(rejected)} / {int(selected)} | "
@@ -87,6 +95,32 @@ def plot(attack):
     fig.suptitle(f"Fashion-MNIST, {ATTACKS[attack]}")
     fig.tight_layout()
     out = os.path.join(HERE, f"{attack}.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_peaks(attack):
+    """Every defense's peak BA, last-round BA and last-round MA as grouped bars: readable with a
+    dozen defenses, where a dozen BA curves are not."""
+    runs = [(label, load(f"{attack}_{d}")) for d, label in ALL_DEFENSES.items()]
+    runs = [(label, rows) for label, rows in runs if rows]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.27
+    series = (("peak BA", lambda rows: max(r["backdoor_acc"] for r in rows)),
+              ("last-round BA", lambda rows: rows[-1]["backdoor_acc"]),
+              ("last-round MA", lambda rows: rows[-1]["main_acc"]))
+    for k, (name, value) in enumerate(series):
+        ax.bar([i + (k - 1) * width for i in range(len(runs))], [value(rows) for _, rows in runs],
+               width, label=name)
+    ax.set_xticks(range(len(runs)), [label for label, _ in runs], rotation=30, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 102)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.13))
+    ax.set_title(f"Fashion-MNIST, {ATTACKS[attack]}", pad=28)
+    fig.tight_layout()
+    out = os.path.join(HERE, f"{attack}_defenses.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -126,12 +160,64 @@ def admission_table():
     return "\n".join(lines)
 
 
+def batchnorm_table():
+    """Benign admission of FLAME on a BatchNorm model: trainable parameters vs whole state_dict."""
+    lines = ["| clustered on | rule | rounds | benign admitted | MA |", "|---|---|---|---|---|"]
+    for vectors in ("trainable", "whole_state_dict"):
+        for rule in ADMISSION_RULES:
+            run = os.path.join("flame_batchnorm", f"{vectors}_{rule}")
+            rows, clients = load(run), read_rows(run, "clients.csv")
+            if not rows or not clients:
+                lines.append(f"| {vectors} | {rule} | not run | | |")
+                continue
+            lines.append(f"| {vectors} | {rule} | {int(rows[0]['round'])}-{int(rows[-1]['round'])} | "
+                         f"{percent(sum(c['admitted'] for c in clients), len(clients))} | "
+                         f"{rows[-1]['main_acc']:.2f} |")
+    return "\n".join(lines)
+
+
+def flip_rounds_table(attack):
+    """FLIP against no defense round by round: MA, BA (thresholded and raw), how far each round
+    moved BA in each run, and FLIP's hardening counts (steps, those stamping a trigger toward
+    the attack's target label, batches skipped by the trigger-size cap)."""
+    flip, none = load(f"{attack}_flip"), load(f"{attack}_none")
+    if not flip or not none:
+        return f"({attack}: the FLIP or the no-defense run is missing)"
+    base = {int(r["round"]): r for r in none}
+    lines = ["| round | attackers | MA FLIP | MA none | BA FLIP | BA raw FLIP | BA none | ΔBA FLIP | ΔBA none | "
+             "hardening steps | toward target | skipped by cap | inversions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    previous = None
+    for r in flip:
+        n = base.get(int(r["round"]))
+        if n is None:
+            continue
+        delta_flip = f"{r['backdoor_acc'] - previous[0]:+.2f}" if previous else ""
+        delta_none = f"{n['backdoor_acc'] - previous[1]:+.2f}" if previous else ""
+        lines.append(f"| {int(r['round'])} | {int(r['attackers_selected'])} | {r['main_acc']:.2f} | "
+                     f"{n['main_acc']:.2f} | {r['backdoor_acc']:.2f} | {r['backdoor_acc_raw']:.2f} | "
+                     f"{n['backdoor_acc']:.2f} | {delta_flip} | {delta_none} | {int(r['flip_hardened'])} | "
+                     f"{int(r['flip_stamped_to_target'])} | {int(r['flip_oversize_skips'])} | "
+                     f"{int(r['flip_inversions'])} |")
+        previous = (r["backdoor_acc"], n["backdoor_acc"])
+    return "\n".join(lines)
+
+
 def main():
+    for attack in ATTACKS:
+        if f"--flip-rounds={attack}" in sys.argv[1:]:
+            print(flip_rounds_table(attack))
+            return
     if "--flame-admission" in sys.argv[1:]:
         print(admission_table())
         return
+    if "--flame-batchnorm" in sys.argv[1:]:
+        print(batchnorm_table())
+        return
     print(table())
     for attack in ATTACKS:
+        if any(load(f"{attack}_{d}") for d in BASELINES):
+            print("wrote", plot_peaks(attack), file=sys.stderr)
         if any(load(f"{attack}_{d}") for d in DEFENSES):
             print("wrote", plot(attack), file=sys.stderr)
 
