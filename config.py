@@ -175,6 +175,8 @@ def _coerce(key, value, f):
 
 
 def _check_field(key, value, f):
+    if value is None and f.optional:
+        return None
     value = _coerce(key, value, f)
     if f.choices is not None and value not in f.choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, f.choices))}")
@@ -211,6 +213,13 @@ FLIP_FIELDS = {
     "inversion_lr": Field("float", 0.1, lambda v: v > 0, "> 0"),
     "max_trigger_frac": Field("float", 0.125, lambda v: 0 < v <= 1, "in (0, 1]"),
     "init_mask_region": Field("int_list", [], lambda v: len(v) in (0, 4), "[] or [row0, row1, col0, col1]"),
+    # Opt-in adaptive budget (off: every inversion runs the reference's step counts).
+    "adaptive_budget": Field("bool", False),
+    "adaptive_patience": Field("int", 50, lambda v: v >= 1, ">= 1"),
+    "adaptive_min_gain": Field("float", 0.01, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adaptive_give_up": Field("int", optional=True, check=lambda v: v >= 1, rule=">= 1"),
+    "adaptive_check_every": Field("int", 10, lambda v: v >= 1, ">= 1"),
+    "max_pair_images": Field("int", optional=True, check=lambda v: v >= 2, rule=">= 2"),
 }
 
 

@@ -88,6 +88,7 @@ class Federation:
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.client_states = {}
         self.server_state = {}
+        self.flip_profile = {}  # the last FLIP round's inversions by kind (invert.profile_round)
         self.last_round = self.first_round - 1
         self.timer = helper.PhaseTimer(device)
         _, h, w = self.data.image_shape
@@ -188,6 +189,10 @@ class Federation:
                         round_no, row["flip_inversions"], row["flip_mask_l1"], row["flip_success"],
                         row["flip_hardened"], row["flip_stamped_to_target"], params["poison_label_swap"],
                         row["flip_oversize_skips"])
+            self.flip_profile = invert.profile_round(flip_stats)
+            logger.info("round %d FLIP inversions by kind: %s", round_no, "; ".join(
+                f"{kind} {p['count']}x {p['images']:.0f} images, {p['steps_run']:.0f}/{p['steps_asked']:.0f} steps, "
+                f"last gain at step {p['last_improvement']:.0f}" for kind, p in self.flip_profile.items()))
         logger.info("round %d phases (s): %s", round_no,
                     ", ".join(f"{k} {v:.2f}" for k, v in self.timer.seconds.items()))
         norms = [float(defense.flatten(u, self.trainable).norm()) for u in updates]

@@ -3,6 +3,7 @@
     python bench/round_time.py                     # batched executor, config defaults
     python bench/round_time.py --sequential        # one client after the other
     python bench/round_time.py --compare           # both, and how far their results differ
+    python bench/round_time.py --adaptive          # the reference budget, then flip.adaptive_budget
     python bench/round_time.py --params utils/cifar.yaml --synthetic --clients 1 --budget-scale 0.1
 
 The round is the first round after the YAML's resumed model (or round 1 without one), with no
@@ -12,6 +13,9 @@ attacker, so all `no_models` clients are benign and chosen for the first time: w
 `--budget-scale F` multiplies every inversion's step count by F (a CPU cannot run a CIFAR-10
 round at the full budget in reasonable time); the JSON line then also gives `full_budget_estimate`,
 the round's seconds with the inversion time divided by F (inversion time is linear in steps).
+Each JSON line has the round's inversions by kind (`profile`): count, mean images, mean steps
+asked and run, the mean step of the best trigger's last improvement, and the share of the steps
+run after it.
 """
 
 import argparse
@@ -47,7 +51,8 @@ def one_round(params, device):
     out = {"round_seconds": round(seconds, 2),
            "phases": {k: round(v, 2) for k, v in fed.timer.seconds.items()},
            "clients": len(clients), "flip_inversions": row["flip_inversions"],
-           "main_acc": row["main_acc"], "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+           "main_acc": row["main_acc"], "backdoor_acc": row["backdoor_acc"],
+           "flip_hardened": row["flip_hardened"], "profile": fed.flip_profile, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if device == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
     return out, fed.global_state
@@ -63,6 +68,8 @@ def main():
     p.add_argument("--clients", type=int, help="benign clients in the round (default: no_models)")
     p.add_argument("--synthetic", action="store_true", help="synthetic data of the dataset's real shape and size")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every inversion's steps by this")
+    p.add_argument("--adaptive", action="store_true",
+                   help="run the reference budget and the adaptive budget (flip.adaptive_budget) on the same round")
     args = p.parse_args()
     overrides = ["invert=true", "is_poison=false"] + args.set
     if args.clients:
@@ -77,12 +84,17 @@ def main():
         params["flip"][key] = max(1, round(params["flip"][key] * args.budget_scale))
     if params["resumed_model"] and not os.path.isfile(params["resumed_model_name"]):
         params["resumed_model"] = False
-    modes = [True, False] if args.compare else [not args.sequential]
+    if args.compare:
+        modes = [("batched", {"batched": True}), ("sequential", {"batched": False})]
+    else:
+        modes = [("batched" if not args.sequential else "sequential", {"batched": not args.sequential})]
+    if args.adaptive:
+        modes = [(name, {**flags, "adaptive_budget": adaptive}) for name, flags in modes for adaptive in (False, True)]
     states = {}
-    for batched in modes:
-        run_params = {**params, "flip": {**params["flip"], "batched": batched}}
-        result, states[batched] = one_round(run_params, args.device)
-        result.update(mode="batched" if batched else "sequential", device=args.device,
+    for name, flags in modes:
+        run_params = {**params, "flip": {**params["flip"], **flags}}
+        result, states[name, flags.get("adaptive_budget", False)] = one_round(run_params, args.device)
+        result.update(mode=name, adaptive_budget=run_params["flip"]["adaptive_budget"], device=args.device,
                       threads=torch.get_num_threads(), cpu=os.cpu_count(), dataset=args.params,
                       synthetic=args.synthetic, budget_scale=args.budget_scale)
         if args.budget_scale != 1.0:
@@ -90,7 +102,8 @@ def main():
             result["full_budget_estimate"] = round(result["round_seconds"] + inversion * (1 / args.budget_scale - 1), 1)
         print(json.dumps(result))
     if args.compare:
-        diff = max(float((states[True][k].float() - states[False][k].float()).abs().max()) for k in states[True])
+        a, b = states["batched", False], states["sequential", False]
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
         print(json.dumps({"max_abs_difference_batched_vs_sequential": diff}))
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import invert
+import inversion
 from conftest import ROOT, run_main
 from config import resolve_flip_params
 from image_helper import FederatedData, iid_split, make_synthetic
@@ -102,9 +103,9 @@ def test_flip_on_resnet_inverts_in_eval_mode_and_hardens_in_train_mode():
     models = invert.ClientModels(model, model.state_dict(), 2, fp["harden_lr"])
     params, buffers = models.frozen_stack([0, 1])
     before = {k: v.clone() for k, v in buffers.items()}
-    request = invert.Invert(x[:8], torch.full((8,), 2), torch.zeros(8, dtype=torch.long), 1, 3,
+    request = inversion.Invert(x[:8], torch.full((8,), 2), torch.zeros(8, dtype=torch.long), 1, 3,
                             fp["init_cost"], [None])
-    invert.invert_batch(model, params, buffers, [request, request], fp, (3, 32, 32),
+    inversion.invert_batch(model, params, buffers, [request, request], fp, (3, 32, 32),
                         [torch.Generator().manual_seed(i) for i in range(2)])
     assert all(torch.equal(before[k], buffers[k]) for k in buffers)
     results = invert.flip_round(model, model.state_dict(), data, [0, 1], {"flip": fp}, {}, [1, 2], "cpu")

@@ -5,7 +5,9 @@ when a batch is not hardened. No model runs here; the stub answers each inversio
 import numpy as np
 import torch
 
-import invert
+import flip_client
+import inversion
+from invert import summarize_round
 from config import resolve_flip_params
 
 H = W = 8                 # 64 pixels: the Fashion-MNIST cap 1/8 is 8 pixels
@@ -18,14 +20,14 @@ def make_context(classes, state, seed=0):
     class / 10, so the stub can read the source class back from the request's images."""
     y = torch.tensor([c for c in classes for _ in range(128)])
     x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, H, W).clone()
-    return invert.ClientContext(x, y, y.numpy(), 10, FP, state, np.random.default_rng(seed),
+    return flip_client.ClientContext(x, y, y.numpy(), 10, FP, state, np.random.default_rng(seed),
                                 torch.Generator().manual_seed(seed))
 
 
 def returning_state():
     """A client whose warm-up is done: every ordered pair has a trigger size of 10, and mat_diff
     ranks the pairs so that the scheduler's choices are known."""
-    state = invert.new_state(10)
+    state = flip_client.new_state(10)
     state["warmed"] = True
     state["next_warmup_target"] = 10
     state["mat_warm"][:] = 10.0
@@ -40,19 +42,20 @@ def stub_result(request, size, success):
     masks = torch.full((t, H, W), size / (H * W))
     patterns = torch.full((t, 1, H, W), 0.5)
     success = np.broadcast_to(np.asarray(success, dtype=bool), (t,)).copy()
-    return invert.InvertResult(masks, patterns, np.full(t, size), success, success.astype(float))
+    return inversion.InvertResult(masks, patterns, np.full(t, size), success, success.astype(float),
+                                  request.steps, np.full(t, request.steps))
 
 
 def drive(ctx, answer):
     """Run one round of the client program; ``answer(k, request)`` gives the k-th inversion's
     result. Returns the requests in order (Invert and Harden) and the final stats."""
-    program, log, value, k = invert.client_program(ctx), [], None, 0
+    program, log, value, k = flip_client.client_program(ctx), [], None, 0
     try:
         while True:
             request = program.send(value)
             log.append(request)
             value = None
-            if isinstance(request, invert.Invert):
+            if isinstance(request, inversion.Invert):
                 value = answer(k, request)
                 k += 1
     except StopIteration as stop:
@@ -63,11 +66,11 @@ def inversions(log):
     """Per inversion: (source, target, combo, steps, cost, hardened right after it)."""
     out = []
     for i, r in enumerate(log):
-        if isinstance(r, invert.Invert):
+        if isinstance(r, inversion.Invert):
             source_x = r.x[r.group == 0]
             source = int(round(float(source_x.mean()) * 10))
             target = int(r.labels[r.group == 0][0])
-            hardened = i + 1 < len(log) and isinstance(log[i + 1], invert.Harden)
+            hardened = i + 1 < len(log) and isinstance(log[i + 1], flip_client.Harden)
             out.append((source, target, r.n_triggers == 2, r.steps, r.cost, hardened))
     return out
 
@@ -164,7 +167,7 @@ def test_stamping_counts_follow_the_target_label():
     labels: the steps stamping toward 8 are the inversions whose pair contains 8."""
     state = returning_state()
     log, stats = drive(make_context(range(10), state), lambda k, r: stub_result(r, SMALL, True))
-    summary = invert.summarize_round([stats.as_dict()], target_label=8)
+    summary = summarize_round([stats.as_dict()], target_label=8)
     expected = sum(1 for s, t, *_ in inversions(log) if 8 in (s, t))
     assert summary["flip_hardened"] == 14
     assert summary["flip_stamped_to_target"] == expected >= 4

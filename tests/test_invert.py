@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import invert
+import inversion
 from config import resolve_flip_params
 from image_helper import FederatedData, iid_split, load_arrays, stamp, trigger_mask
 from models import build_model
@@ -57,12 +58,12 @@ def accuracies(model, bd):
     return ma, float((pred_bd == TARGET).float().mean()) * 100
 
 
-def universal_trigger(model, x, target, steps=300, seed=0):
-    fp = resolve_flip_params({}, "fashion_mnist")
+def universal_trigger(model, x, target, steps=300, seed=0, **flip):
+    fp = resolve_flip_params(flip, "fashion_mnist")
     params, buffers = invert.ClientModels(model, model.state_dict(), 1, 0.01).frozen_stack([0])
-    request = invert.Invert(x, torch.full((len(x),), target), torch.zeros(len(x), dtype=torch.long), 1,
+    request = inversion.Invert(x, torch.full((len(x),), target), torch.zeros(len(x), dtype=torch.long), 1,
                             steps, fp["init_cost"], [None])
-    return invert.invert_batch(model, params, buffers, [request], fp, (1, 28, 28),
+    return inversion.invert_batch(model, params, buffers, [request], fp, (1, 28, 28),
                                [torch.Generator().manual_seed(seed)])[0]
 
 
@@ -86,6 +87,44 @@ def test_inversion_finds_the_planted_patch(backdoored):
     toward_clean = universal_trigger(model, x_clean, clean_label)
     clean_l1 = float(toward_clean.sizes[0]) if toward_clean.success[0] else 28 * 28
     assert clean_l1 > 3 * l1, (clean_l1, l1)
+
+
+def test_adaptive_budget_stops_early_with_a_trigger_as_small_as_the_full_budgets(backdoored):
+    model, bd = backdoored["model"], backdoored
+    x = bd["test_x"][bd["test_y"] != TARGET][:60]
+    full = universal_trigger(model, x, TARGET, steps=600)
+    adaptive = universal_trigger(model, x, TARGET, steps=600, adaptive_budget=True, adaptive_patience=40,
+                                 adaptive_min_gain=0.01)
+    print(f"full: {full.sizes[0]:.2f} px, last improved at {full.last_improved[0]}; adaptive: "
+          f"{adaptive.sizes[0]:.2f} px after {adaptive.steps_run} steps")
+    assert full.steps_run == 600 and full.success[0] and adaptive.success[0]
+    assert adaptive.steps_run < 400, adaptive.steps_run
+    assert float(adaptive.sizes[0]) <= 1.25 * float(full.sizes[0]) + 1.0, (adaptive.sizes, full.sizes)
+    # the full budget's best trigger stopped improving well before its last step
+    assert 0 < int(full.last_improved[0]) <= 600
+    # no success by the give-up step: stopped there, reported as failed
+    hopeless = universal_trigger(model, x, TARGET, steps=600, adaptive_budget=True, adaptive_give_up=20,
+                                 success_threshold=1.0, init_cost=10.0)
+    assert not hopeless.success[0] and hopeless.steps_run == 20
+
+
+def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored):
+    """Finished requests leave the stacked batch: the others' results do not change."""
+    model, bd = backdoored["model"], backdoored
+    fp = resolve_flip_params({}, "fashion_mnist")
+    x = bd["test_x"][bd["test_y"] != TARGET]
+    requests = [inversion.Invert(x[20 * i:20 * i + 20], torch.full((20,), TARGET), torch.zeros(20, dtype=torch.long),
+                                 1, steps, fp["init_cost"], [None]) for i, steps in enumerate((30, 80, 55))]
+    models = invert.ClientModels(model, model.state_dict(), 3, 0.01)
+    params, buffers = models.frozen_stack([0, 1, 2])
+    together = inversion.invert_batch(model, params, buffers, requests, fp, (1, 28, 28),
+                                      [torch.Generator().manual_seed(i) for i in range(3)])
+    for i, request in enumerate(requests):
+        p, b = models.frozen_stack([i])
+        alone, = inversion.invert_batch(model, p, b, [request], fp, (1, 28, 28), [torch.Generator().manual_seed(i)])
+        assert together[i].steps_run == request.steps == alone.steps_run
+        assert torch.allclose(together[i].masks, alone.masks, atol=1e-4)
+        assert together[i].sizes == pytest.approx(alone.sizes, rel=1e-4)
 
 
 def client_data(bd, n_clients):
@@ -128,7 +167,7 @@ def test_state_persists_and_second_selection_skips_warmup(backdoored, monkeypatc
     model, bd = backdoored["model"], backdoored
     data = client_data(bd, 2)
     seen_steps = []
-    original = invert.invert_batch
+    original = inversion.invert_batch
 
     def recording(template, params, buffers, requests, fp, shape, generators):
         seen_steps.extend(r.steps for r in requests)
@@ -171,13 +210,13 @@ def test_batched_inversion_equals_one_at_a_time(backdoored):
     model = backdoored["model"]
     x = backdoored["test_x"][:30].reshape(3, 10, 1, 28, 28)
     fp = resolve_flip_params({}, "fashion_mnist")
-    requests = [invert.Invert(x[i], torch.full((10,), TARGET), torch.arange(10) % (1 + i % 2), 1 + i % 2,
+    requests = [inversion.Invert(x[i], torch.full((10,), TARGET), torch.arange(10) % (1 + i % 2), 1 + i % 2,
                               15 + 5 * i, fp["init_cost"], [None] * (1 + i % 2)) for i in range(3)]
     models = invert.ClientModels(model, model.state_dict(), 3, 0.01)
 
     def solve(indices):
         params, buffers = models.frozen_stack(indices)
-        return invert.invert_batch(model, params, buffers, [requests[i] for i in indices], fp, (1, 28, 28),
+        return inversion.invert_batch(model, params, buffers, [requests[i] for i in indices], fp, (1, 28, 28),
                                    [torch.Generator().manual_seed(i) for i in indices])
 
     together = solve([0, 1, 2])

@@ -1,0 +1,241 @@
+"""FLIP's trigger inversion kernel (REFERENCE.md §4): Neural-Cleanse style masks and patterns,
+tanh-reparameterised, with the adaptive cost, solved for many requests at once over stacked,
+frozen client models (``invert_batch``).
+
+Requests of different lengths share one batched loop; a request leaves the stacked batch as soon
+as it has run its steps (or, with the opt-in adaptive budget, once its best trigger has stopped
+improving), so no FLOPs go to finished requests. Every constant comes from the YAML group `flip`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+EPS_TANH = 1e-7  # value = tanh(theta) / (2 - EPS_TANH) + 0.5 keeps atanh finite at 0 and 1
+
+ADAM_BETAS = (0.5, 0.9)
+
+INVERSION_KINDS = ("warmup", "pair", "refine", "retry", "single_refine", "single_retry")
+
+
+@dataclass
+class Invert:
+    """Find up to two triggers at once: trigger g turns the samples whose ``group`` is g into
+    their ``labels``. ``init`` holds a stored (mask, pattern) per trigger, or None (random).
+    ``kind`` (one of INVERSION_KINDS) only labels the request in the profile."""
+    x: torch.Tensor
+    labels: torch.Tensor
+    group: torch.Tensor
+    n_triggers: int
+    steps: int
+    cost: float
+    init: list
+    kind: str = "pair"
+
+
+@dataclass
+class InvertResult:
+    masks: torch.Tensor      # (T, H, W) best mask per trigger (zeros where none succeeded)
+    patterns: torch.Tensor   # (T, C, H, W)
+    sizes: np.ndarray        # (T,) L1 of the best mask; 0 where no trigger succeeded
+    success: np.ndarray      # (T,) bool
+    accuracy: np.ndarray     # (T,) stamped accuracy of the returned trigger
+    steps_run: int = 0       # Adam steps run (fewer than requested when the adaptive budget stops early)
+    last_improved: np.ndarray = None  # (T,) steps run when the best trigger last improved; 0: never
+
+
+def to_theta(value):
+    """Inverse of the tanh reparameterisation."""
+    return torch.atanh((value.clamp(0.0, 1.0) - 0.5) * (2 - EPS_TANH))
+
+
+def from_theta(theta):
+    return torch.tanh(theta) / (2 - EPS_TANH) + 0.5
+
+
+def apply_trigger(x, mask, pattern):
+    """(1 − m)·x + m·p, clipped to [0, 1]; ``mask`` broadcasts over channels."""
+    mask = mask.unsqueeze(-3)
+    return ((1 - mask) * x + mask * pattern).clamp(0.0, 1.0)
+
+
+def initial_trigger(init, n_triggers, shape, region, generator, device):
+    """Masks (T, H, W) and patterns (T, C, H, W): stored ones where given, else uniform random.
+    ``region`` (opt-in, the reference's CIFAR behaviour) sets new masks to 1 over
+    rows [r0, r1) and columns [c0, c1)."""
+    c, h, w = shape
+    masks = torch.rand((n_triggers, h, w), generator=generator, device=device)
+    patterns = torch.rand((n_triggers, c, h, w), generator=generator, device=device)
+    for g in range(n_triggers):
+        if init[g] is not None:
+            masks[g], patterns[g] = init[g][0].to(device), init[g][1].to(device)
+        elif region:
+            masks[g, region[0]:region[1], region[2]:region[3]] = 1.0
+    return masks, patterns
+
+
+def stacked_forward(template):
+    """f(params, buffers, x) for a batch of models: vmap of the template's functional call."""
+    def one(params, buffers, x):
+        return functional_call(template, (params, buffers), (x,))
+
+    return torch.vmap(one)
+
+
+def stack_requests(requests, fp, shape, generators, device):
+    """The requests as one padded batch: a dict of tensors whose first dimension is the request.
+    Each request's generator draws its initial trigger, then its re-initialisation noise for every
+    step it may run (uniform in [-0.01, 0.01)), in that order."""
+    k, T = len(requests), max(r.n_triggers for r in requests)
+    N, S = max(len(r.x) for r in requests), max(r.steps for r in requests)
+    c, h, w = shape
+    b = {"x": torch.zeros((k, N, c, h, w), device=device),
+         "labels": torch.zeros((k, N), dtype=torch.long, device=device),
+         "group": torch.zeros((k, N), dtype=torch.long, device=device),
+         "weight": torch.zeros((k, N), device=device),
+         "m0": torch.zeros((k, T, h, w), device=device), "p0": torch.zeros((k, T, c, h, w), device=device),
+         "valid": torch.zeros((k, T), dtype=torch.bool, device=device),
+         "noise_m": torch.zeros((k, S, T, h, w), device=device),
+         "noise_p": torch.zeros((k, S, T, c, h, w), device=device)}
+    for i, (r, g) in enumerate(zip(requests, generators)):
+        n, t = len(r.x), r.n_triggers
+        b["x"][i, :n], b["labels"][i, :n], b["group"][i, :n], b["weight"][i, :n] = r.x, r.labels, r.group, 1.0
+        b["m0"][i, :t], b["p0"][i, :t] = initial_trigger(r.init, t, shape, fp["init_mask_region"], g, device)
+        b["valid"][i, :t] = True
+        b["noise_m"][i, :r.steps, :t] = torch.rand((r.steps, t, h, w), generator=g, device=device)
+        b["noise_p"][i, :r.steps, :t] = torch.rand((r.steps, t, c, h, w), generator=g, device=device)
+    b["noise_m"], b["noise_p"] = 0.02 * b["noise_m"] - 0.01, 0.02 * b["noise_p"] - 0.01
+    b["count"] = torch.zeros((k, T), device=device).scatter_add_(1, b["group"], b["weight"]).clamp_min(1.0)
+    b["cost"] = torch.tensor([float(r.cost) for r in requests], device=device).unsqueeze(1).expand(k, T).clone()
+    b["best_reg"] = torch.full((k, T), float("inf"), device=device)
+    b["ref_reg"] = torch.full((k, T), float("inf"), device=device)
+    for name in ("best_acc", "last_acc"):
+        b[name] = torch.zeros((k, T), device=device)
+    for name in ("up", "down", "stale", "last_improved"):
+        b[name] = torch.zeros((k, T), dtype=torch.long, device=device)
+    b["best_m"], b["best_p"] = torch.zeros_like(b["m0"]), torch.zeros_like(b["p0"])
+    return b
+
+
+def adaptive_done(b, steps_run, fp):
+    """Requests (bool, host) whose every trigger has either stopped improving by more than
+    `adaptive_min_gain` of its size for `adaptive_patience` steps after its first success, or not
+    succeeded by step `adaptive_give_up`."""
+    found = torch.isfinite(b["best_reg"])
+    settled = found & (b["stale"] >= fp["adaptive_patience"])
+    if fp["adaptive_give_up"] is not None:
+        settled |= ~found & (steps_run >= fp["adaptive_give_up"])
+    return (settled | ~b["valid"]).all(dim=1).cpu().numpy()
+
+
+class Solver:
+    """The live part of a batched inversion: the stacked batch, the models' parameters and the
+    Adam state, for the requests still running; ``drop`` removes finished ones."""
+
+    def __init__(self, batch, params, buffers, fp):
+        self.b, self.params, self.buffers = batch, params, buffers
+        self.theta_m = to_theta(batch.pop("m0")).requires_grad_()
+        self.theta_p = to_theta(batch.pop("p0")).requires_grad_()
+        self.optimizer = torch.optim.Adam([self.theta_m, self.theta_p], lr=fp["inversion_lr"], betas=ADAM_BETAS)
+
+    def drop(self, keep):
+        """Keep only the requests at positions ``keep`` (a LongTensor)."""
+        self.b = {k: v[keep] for k, v in self.b.items()}
+        self.params = {k: v[keep] for k, v in self.params.items()}
+        self.buffers = {k: v[keep] for k, v in self.buffers.items()}
+        old = self.optimizer
+        thetas = [self.theta_m.detach()[keep].requires_grad_(), self.theta_p.detach()[keep].requires_grad_()]
+        self.optimizer = torch.optim.Adam(thetas, **{k: old.defaults[k] for k in ("lr", "betas")})
+        for before, after in zip((self.theta_m, self.theta_p), thetas):
+            state = old.state[before]
+            self.optimizer.state[after] = {"step": state["step"], "exp_avg": state["exp_avg"][keep],
+                                           "exp_avg_sq": state["exp_avg_sq"][keep]}
+        self.theta_m, self.theta_p = thetas
+
+
+def adam_step(s, forward, fp, step):
+    """One Adam step of every live request, then the success, best-trigger, re-initialisation
+    and cost bookkeeping as tensor operations (no host synchronisation)."""
+    b = s.b
+    k = len(b["x"])
+    rows = torch.arange(k, device=b["x"].device).unsqueeze(1)
+    mask, pattern = from_theta(s.theta_m), from_theta(s.theta_p)
+    x_adv = apply_trigger(b["x"], mask[rows, b["group"]], pattern[rows, b["group"]])
+    logits = forward(s.params, s.buffers, x_adv)
+    ce = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none").view(k, -1)
+    zeros = torch.zeros_like(b["cost"])
+    ce_t = zeros.scatter_add(1, b["group"], ce * b["weight"]) / b["count"]
+    acc = zeros.scatter_add(1, b["group"], (logits.argmax(-1) == b["labels"]).float() * b["weight"]) / b["count"]
+    reg = mask.abs().sum(dim=(-2, -1))
+    loss = ((ce_t + b["cost"] * reg) * b["valid"]).sum()
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    with torch.no_grad():
+        valid = b["valid"]
+        success = acc >= fp["success_threshold"]
+        improved = valid & success & (reg < b["best_reg"])
+        b["best_reg"] = torch.where(improved, reg, b["best_reg"])
+        b["best_acc"] = torch.where(improved, acc, b["best_acc"])
+        b["last_acc"] = torch.where(valid, acc, b["last_acc"])
+        b["best_m"] = torch.where(improved[..., None, None], mask, b["best_m"])
+        b["best_p"] = torch.where(improved[..., None, None, None], pattern, b["best_p"])
+        s.theta_m.copy_(torch.where(improved[..., None, None], to_theta(mask + b["noise_m"][:, step]), s.theta_m))
+        s.theta_p.copy_(torch.where(improved[..., None, None, None], to_theta(pattern + b["noise_p"][:, step]),
+                                    s.theta_p))
+        b["last_improved"] = torch.where(improved, step + 1, b["last_improved"])
+        gain = improved & (reg < b["ref_reg"] * (1 - fp["adaptive_min_gain"]))
+        b["ref_reg"] = torch.where(gain, reg, b["ref_reg"])
+        b["stale"] = torch.where(gain, 0, torch.where(valid & torch.isfinite(b["best_reg"]), b["stale"] + 1, b["stale"]))
+        up = torch.where(valid, torch.where(success, b["up"] + 1, 0), b["up"])
+        down = torch.where(valid, torch.where(success, 0, b["down"] + 1), b["down"])
+        raise_cost, lower_cost = up >= fp["cost_patience"], down >= fp["cost_patience"]
+        b["cost"] = torch.where(raise_cost, b["cost"] * fp["cost_up"],
+                                torch.where(lower_cost, b["cost"] / fp["cost_down"], b["cost"]))
+        b["up"] = torch.where(raise_cost, 0, up)
+        b["down"] = torch.where(lower_cost & ~raise_cost, 0, down)
+
+
+def collect(b, positions, steps_run):
+    """InvertResults of the live requests at ``positions`` (host reads, once per request)."""
+    found = torch.isfinite(b["best_reg"][positions])
+    sizes = torch.where(found, b["best_reg"][positions], 0.0).cpu().numpy()
+    accuracy = torch.where(found, b["best_acc"][positions], b["last_acc"][positions]).cpu().numpy()
+    last = b["last_improved"][positions].cpu().numpy()
+    found = found.cpu().numpy()
+    return [InvertResult(b["best_m"][p], b["best_p"][p], sizes[j], found[j], accuracy[j], steps_run, last[j])
+            for j, p in enumerate(positions.tolist())]
+
+
+def invert_batch(template, params, buffers, requests, fp, shape, generators):
+    """Solve k inversion requests at once, request i on the model (params[i], buffers[i]);
+    returns one InvertResult per request, trimmed to its own trigger count."""
+    device = next(iter(params.values())).device
+    s = Solver(stack_requests(requests, fp, shape, generators, device), params, buffers, fp)
+    forward = stacked_forward(template)
+    ids = np.arange(len(requests))                    # original position of each live request
+    budgets = np.array([r.steps for r in requests])
+    results = [None] * len(requests)
+    adaptive = fp["adaptive_budget"]
+    for step in range(int(budgets.max())):
+        adam_step(s, forward, fp, step)
+        run = step + 1
+        done = budgets[ids] <= run
+        if adaptive and run % fp["adaptive_check_every"] == 0:
+            done |= adaptive_done(s.b, run, fp)
+        if not done.any():
+            continue
+        finished = torch.as_tensor(np.flatnonzero(done), device=device)
+        for i, result in zip(ids[done], collect(s.b, finished, run)):
+            results[i] = result
+        ids = ids[~done]
+        if not len(ids):
+            break
+        s.drop(torch.as_tensor(np.flatnonzero(~done), device=device))
+    return [InvertResult(res.masks[:r.n_triggers], res.patterns[:r.n_triggers], res.sizes[:r.n_triggers],
+                         res.success[:r.n_triggers], res.accuracy[:r.n_triggers], res.steps_run,
+                         res.last_improved[:r.n_triggers])
+            for res, r in zip(results, requests)]
