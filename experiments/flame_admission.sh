@@ -4,6 +4,8 @@
 # IID. Rounds: single-shot 201-208 (all four attacks), benign-only and continuous 201-206.
 #   bash experiments/flame_admission.sh                       # every run (about 70 min on one core)
 #   bash experiments/flame_admission.sh continuous "0.5"      # some of them
+#   OUTLIER_MAX=0.5 bash experiments/flame_admission.sh continuous "0.1" outlier_score
+#                               # another flame_outlier_max (folder suffix _max<value>)
 # Results go to experiments/results/flame_admission/<scenario>_<alpha>_<rule>/;
 # `python experiments/report.py --flame-admission` tabulates them.
 set -euo pipefail
@@ -16,9 +18,10 @@ rules="${3:-cluster outlier_score}"
 for scenario in $scenarios; do
   for alpha in $alphas; do
     for rule in $rules; do
-      out="experiments/results/flame_admission/${scenario}_${alpha}_${rule}"
+      out="experiments/results/flame_admission/${scenario}_${alpha}_${rule}${OUTLIER_MAX:+_max$OUTLIER_MAX}"
       [ -f "$out/summary.json" ] && continue
       flags=(--set invert=false --set aggregation_methods=flame --set "flame_admission=$rule" --set seed=1)
+      [ -n "${OUTLIER_MAX:-}" ] && flags+=(--set "flame_outlier_max=$OUTLIER_MAX")
       case "$scenario" in
         benign)      flags+=(--set is_poison=false --set epochs=206) ;;
         single_shot) flags+=(--set epochs=208) ;;

@@ -129,6 +129,7 @@ def plot_peaks(attack):
 ADMISSION_SCENARIOS = {"benign": "benign only", "single_shot": "single-shot", "continuous": "continuous"}
 ADMISSION_ALPHAS = ["0.1", "0.5", "1.0", "iid"]
 ADMISSION_RULES = ["cluster", "outlier_score"]
+ADMISSION_VARIANTS = ["outlier_score_max0.5"]  # other flame_outlier_max values, listed where run
 
 
 def percent(part, whole):
@@ -142,11 +143,12 @@ def admission_table():
              "|---|---|---|---|---|---|---|---|---|"]
     for scenario, label in ADMISSION_SCENARIOS.items():
         for alpha in ADMISSION_ALPHAS:
-            for rule in ADMISSION_RULES:
+            for rule in ADMISSION_RULES + ADMISSION_VARIANTS:
                 run = os.path.join("flame_admission", f"{scenario}_{alpha}_{rule}")
                 rows, clients = load(run), read_rows(run, "clients.csv")
                 if not rows or not clients:
-                    lines.append(f"| {label} | {alpha} | {rule} | not run | | | | | |")
+                    if rule in ADMISSION_RULES:
+                        lines.append(f"| {label} | {alpha} | {rule} | not run | | | | | |")
                     continue
                 benign = [c for c in clients if c["is_attacker"] == 0]
                 attackers = [c for c in clients if c["is_attacker"] == 1]
@@ -176,17 +178,27 @@ def batchnorm_table():
     return "\n".join(lines)
 
 
+def share(sums):
+    total, attacker = sums or (0.0, 0.0)
+    return f"{100 * attacker / total:.1f} %" if total and attacker else "0"
+
+
 def flip_rounds_table(attack):
     """FLIP against no defense round by round: MA, BA (thresholded and raw), how far each round
     moved BA in each run, and FLIP's hardening counts (steps, those stamping a trigger toward
-    the attack's target label, batches skipped by the trigger-size cap)."""
+    the attack's target label, batches skipped by the trigger-size cap), and the attackers' share
+    of the summed update norms that FedAvg averages (each update enters with the same weight)."""
     flip, none = load(f"{attack}_flip"), load(f"{attack}_none")
+    shares = {}
+    for c in read_rows(f"{attack}_flip", "clients.csv") or []:
+        total, attacker = shares.get(int(c["round"]), (0.0, 0.0))
+        shares[int(c["round"])] = (total + c["update_norm"], attacker + c["update_norm"] * c["is_attacker"])
     if not flip or not none:
         return f"({attack}: the FLIP or the no-defense run is missing)"
     base = {int(r["round"]): r for r in none}
     lines = ["| round | attackers | MA FLIP | MA none | BA FLIP | BA raw FLIP | BA none | ΔBA FLIP | ΔBA none | "
-             "hardening steps | toward target | skipped by cap | inversions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hardening steps | toward target | skipped by cap | inversions | attackers' norm share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     previous = None
     for r in flip:
         n = base.get(int(r["round"]))
@@ -198,7 +210,7 @@ def flip_rounds_table(attack):
                      f"{n['main_acc']:.2f} | {r['backdoor_acc']:.2f} | {r['backdoor_acc_raw']:.2f} | "
                      f"{n['backdoor_acc']:.2f} | {delta_flip} | {delta_none} | {int(r['flip_hardened'])} | "
                      f"{int(r['flip_stamped_to_target'])} | {int(r['flip_oversize_skips'])} | "
-                     f"{int(r['flip_inversions'])} |")
+                     f"{int(r['flip_inversions'])} | {share(shares.get(int(r['round'])))} |")
         previous = (r["backdoor_acc"], n["backdoor_acc"])
     return "\n".join(lines)
 
