@@ -92,7 +92,7 @@ def main():
         rows[name] = {"seconds": round(seconds, 1), "inversions": inversions,
                       "clients": [evaluate(fed, s) for s in states], "average": evaluate(fed, average(states))}
         print(json.dumps({"mode": name, **rows[name]}))
-    print(f"\n| client | MA reference | BA reference | MA adaptive | BA adaptive |\n|---|---|---|---|---|")
+    print("\n| client | MA reference | BA reference | MA adaptive | BA adaptive |\n|---|---|---|---|---|")
     for cid, (ma_r, ba_r), (ma_a, ba_a) in zip(cids, rows["reference"]["clients"], rows["adaptive"]["clients"]):
         print(f"| {cid} | {ma_r} | {ba_r} | {ma_a} | {ba_a} |")
     (ma_r, ba_r), (ma_a, ba_a) = rows["reference"]["average"], rows["adaptive"]["average"]
