@@ -5,7 +5,9 @@
 #   bash experiments/flame_admission.sh                       # every run (about 70 min on one core)
 #   bash experiments/flame_admission.sh continuous "0.5"      # some of them
 #   OUTLIER_MAX=0.5 bash experiments/flame_admission.sh continuous "0.1" outlier_score
-#                               # another flame_outlier_max (folder suffix _max<value>)
+#                               # flame_outlier_max 0.5, today's default (folder suffix _max<value>);
+#                               # without OUTLIER_MAX the outlier_score runs use 2/3
+#                               # (cluster runs do not read it)
 # Results go to experiments/results/flame_admission/<scenario>_<alpha>_<rule>/;
 # `python experiments/report.py --flame-admission` tabulates them.
 set -euo pipefail
@@ -21,7 +23,7 @@ for scenario in $scenarios; do
       out="experiments/results/flame_admission/${scenario}_${alpha}_${rule}${OUTLIER_MAX:+_max$OUTLIER_MAX}"
       [ -f "$out/summary.json" ] && continue
       flags=(--set invert=false --set aggregation_methods=flame --set "flame_admission=$rule" --set seed=1)
-      [ -n "${OUTLIER_MAX:-}" ] && flags+=(--set "flame_outlier_max=$OUTLIER_MAX")
+      flags+=(--set "flame_outlier_max=${OUTLIER_MAX:-0.6667}")
       case "$scenario" in
         benign)      flags+=(--set is_poison=false --set epochs=206) ;;
         single_shot) flags+=(--set epochs=208) ;;
