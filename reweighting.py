@@ -14,15 +14,17 @@ logger = logging.getLogger(__name__)
 
 def feature_slice(ctx):
     """The columns of the update matrix that FoolsGold compares: the classifier's weight (the
-    last trainable weight; `foolsgold_features: classifier`) or every trainable parameter."""
+    last trainable parameter named ``*weight``, else the last one; `foolsgold_features:
+    classifier`) or every trainable parameter."""
     if ctx.params["foolsgold_features"] == "all":
         return slice(None)
-    start, last = 0, None
+    start, weight, last = 0, None, None
     for name, size in ctx.layout:
+        last = slice(start, start + size)
         if name.endswith("weight"):
-            last = slice(start, start + size)
+            weight = last
         start += size
-    return last
+    return weight or last
 
 
 def weighted_mean(U, weights):
