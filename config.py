@@ -25,7 +25,7 @@ DATASET_SHAPES = {
 }
 DATASET_TYPES = sorted(DATASET_SHAPES) + ["synthetic"]
 DEFAULT_MODEL = {"mnist": "MnistNet", "fashion_mnist": "MnistNet", "cifar": "ResNet18"}
-MODELS = ["MnistNet", "ResNet18"]
+MODELS = ["MnistNet", "MnistNetBN", "ResNet18"]
 AGGREGATION_METHODS = ["mean", "weighted_mean", "flame", "krum", "multi_krum", "bulyan", "median",
                        "trimmed_mean", "rfa", "foolsgold", "norm_clipping", "weak_dp", "fltrust"]
 ATTACK_MODES = ["single_shot", "continuous"]

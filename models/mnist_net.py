@@ -1,6 +1,8 @@
 """MnistNet of the DBA/FLIP reference: two 5x5 conv + max-pool stages and two linear layers.
 
 Parameter names match the reference checkpoints (conv1, conv2, fc1, fc2) so they load directly.
+``batchnorm=True`` (the `MnistNetBN` model) adds BatchNorm after each convolution (bn1, bn2): not
+in the reference, an option for studying defenses on a small model with BatchNorm statistics.
 The reference returns log-probabilities; we return logits, which give the same softmax and the
 same cross-entropy.
 """
@@ -15,18 +17,20 @@ def _after_conv_pool(size):
 
 
 class MnistNet(nn.Module):
-    def __init__(self, channels=1, height=28, width=28, num_classes=10):
+    def __init__(self, channels=1, height=28, width=28, num_classes=10, batchnorm=False):
         super().__init__()
         h, w = _after_conv_pool(height), _after_conv_pool(width)
         if h < 1 or w < 1:
             raise ValueError(f"MnistNet needs inputs of at least 16x16, got {height}x{width}")
         self.conv1 = nn.Conv2d(channels, 20, 5, 1)
         self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.bn1 = nn.BatchNorm2d(20) if batchnorm else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(50) if batchnorm else nn.Identity()
         self.fc1 = nn.Linear(50 * h * w, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2, 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2, 2)
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)

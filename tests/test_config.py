@@ -105,3 +105,11 @@ def test_our_yaml_files_load():
         params = config.resolve(raw)
         assert params["type"] == name and params["attack_mode"] == "single_shot"
         assert len(config.attacker_rounds(params, 1)) == 4
+
+
+def test_mnistnet_with_batchnorm_is_an_option_that_keeps_the_reference_names():
+    plain = set(build_model("MnistNet", (1, 28, 28), 10).state_dict())
+    with_bn = set(build_model("MnistNetBN", (1, 28, 28), 10).state_dict())
+    assert plain == {f"{layer}.{p}" for layer in ("conv1", "conv2", "fc1", "fc2") for p in ("weight", "bias")}
+    assert with_bn - plain == {f"bn{i}.{k}" for i in (1, 2) for k in
+                               ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
