@@ -64,7 +64,7 @@ def test_rfa_converges_to_the_geometric_median():
     # first-order condition of the geometric median: the unit vectors towards the points sum to 0
     units = (U - v) / (U - v).norm(dim=1, keepdim=True)
     assert float(units.sum(0).norm()) < 1e-4
-    assert 1.0 < float(v[0]) < 1.5 and float(U.mean(0)[0]) > 20
+    assert 1.0 < float(v[0]) < 1.5  # far from the mean, (20.8, 20.8)
 
 
 def test_foolsgold_gives_identical_sybils_near_zero_weight():
