@@ -3,7 +3,7 @@
 Each benign client runs ``flip_client.client_program``, which yields requests (``Invert``,
 ``Harden``) and receives their results. ``run_programs`` drives the programs of a round either one
 client after the other, or in lockstep with every pending inversion of the round solved in one
-batched kernel (``inversion.invert_batch``: client models stacked and frozen, vmapped). Both paths
+batched kernel (``inversion.invert_batch``: client models stacked and frozen). Both paths
 use the same kernels, so they give the same results up to float rounding.
 
 Image shape and class count come from the data; every constant comes from the YAML group `flip`.

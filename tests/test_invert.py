@@ -108,20 +108,29 @@ def test_adaptive_budget_stops_early_with_a_trigger_as_small_as_the_full_budgets
     assert not hopeless.success[0] and hopeless.steps_run == 20
 
 
-def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored):
-    """Finished requests leave the stacked batch: the others' results do not change."""
+@pytest.mark.parametrize("per_request", [True, False])
+def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored, per_request):
+    """Requests of different step and image counts in one call (sorted by image count, finished
+    ones leaving the stacked batch, the padding trimmed) give each one's result run alone, with
+    either forward pass (per request, channels-last: the CPU's; vmapped over the padded stack)."""
     model, bd = backdoored["model"], backdoored
     fp = resolve_flip_params({}, "fashion_mnist")
     x = bd["test_x"][bd["test_y"] != TARGET]
-    requests = [inversion.Invert(x[20 * i:20 * i + 20], torch.full((20,), TARGET), torch.zeros(20, dtype=torch.long),
-                                 1, steps, fp["init_cost"], [None]) for i, steps in enumerate((30, 80, 55))]
-    models = invert.ClientModels(model, model.state_dict(), 3, 0.01)
-    params, buffers = models.frozen_stack([0, 1, 2])
+    shapes = ((30, 12), (50, 20), (45, 7), (40, 19))   # (steps, images)
+    requests = [inversion.Invert(x[20 * i:20 * i + n], torch.full((n,), TARGET), torch.zeros(n, dtype=torch.long),
+                                 1, steps, fp["init_cost"], [None]) for i, (steps, n) in enumerate(shapes)]
+    models = invert.ClientModels(model, model.state_dict(), len(requests), 0.01)
+    with torch.no_grad():  # distinct models, so a request run on another's model would show
+        for i, m in enumerate(models.models):
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    params, buffers = models.frozen_stack(list(range(len(requests))))
     together = inversion.invert_batch(model, params, buffers, requests, fp, (1, 28, 28),
-                                      [torch.Generator().manual_seed(i) for i in range(3)])
+                                      [torch.Generator().manual_seed(i) for i in range(len(requests))], per_request)
     for i, request in enumerate(requests):
         p, b = models.frozen_stack([i])
-        alone, = inversion.invert_batch(model, p, b, [request], fp, (1, 28, 28), [torch.Generator().manual_seed(i)])
+        alone, = inversion.invert_batch(model, p, b, [request], fp, (1, 28, 28), [torch.Generator().manual_seed(i)],
+                                        per_request=True)
         assert together[i].steps_run == request.steps == alone.steps_run
         assert torch.allclose(together[i].masks, alone.masks, atol=1e-4)
         assert together[i].sizes == pytest.approx(alone.sizes, rel=1e-4)
