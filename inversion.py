@@ -177,15 +177,21 @@ class Solver:
         self.theta_m, self.theta_p = thetas
         self.split_models()
 
-    def logits(self, x):
-        """Logits (k, N, classes) of the stacked images ``x`` (k, N, C, H, W); per request, the
-        padding rows get zeros (their weight is zero)."""
+    def logits(self, mask, pattern):
+        """Logits (k, N, classes) of the stacked images with each request's triggers stamped
+        (trigger ``group`` on each image). Per request, only its own images are stamped and
+        passed, and the padding rows get zero logits (their weight is zero)."""
+        b = self.b
         if not self.per_request:
-            return self.stacked(self.params, self.buffers, x)
-        width = x.shape[1]
-        return torch.stack([F.pad(functional_call(self.template, model, (channels_last(x[i, :n]),)),
-                                  (0, 0, 0, width - n))
-                            for i, (n, model) in enumerate(zip(self.sizes, self.models))])
+            rows = torch.arange(len(b["x"]), device=b["x"].device).unsqueeze(1)
+            x_adv = apply_trigger(b["x"], mask[rows, b["group"]], pattern[rows, b["group"]])
+            return self.stacked(self.params, self.buffers, x_adv)
+        width, out = b["x"].shape[1], []
+        for i, (n, model) in enumerate(zip(self.sizes, self.models)):
+            group = b["group"][i, :n]
+            x_adv = apply_trigger(b["x"][i, :n], mask[i][group], pattern[i][group])
+            out.append(F.pad(functional_call(self.template, model, (channels_last(x_adv),)), (0, 0, 0, width - n)))
+        return torch.stack(out)
 
 
 def adam_step(s, fp, step):
@@ -193,10 +199,8 @@ def adam_step(s, fp, step):
     and cost bookkeeping as tensor operations (no host synchronisation)."""
     b = s.b
     k = len(b["x"])
-    rows = torch.arange(k, device=b["x"].device).unsqueeze(1)
     mask, pattern = from_theta(s.theta_m), from_theta(s.theta_p)
-    x_adv = apply_trigger(b["x"], mask[rows, b["group"]], pattern[rows, b["group"]])
-    logits = s.logits(x_adv)
+    logits = s.logits(mask, pattern)
     ce = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none").view(k, -1)
     zeros = torch.zeros_like(b["cost"])
     ce_t = zeros.scatter_add(1, b["group"], ce * b["weight"]) / b["count"]
