@@ -8,6 +8,11 @@ each mode's inversion seconds.
 
     python bench/adaptive_equivalence.py                  # makes the round-208 model first if missing
     python bench/adaptive_equivalence.py --set flip.adaptive_patience=30
+    python bench/adaptive_equivalence.py --control      # reference budget twice, other client seeds
+
+`--control` replaces the adaptive run by a second reference run whose clients draw their seeds
+(batch order, inversion noise) as in another round: the run-to-run spread the adaptive budget's
+differences should be judged against.
 
 The backdoored start is made by `bash experiments/fmnist.sh`'s no-defense single-shot settings
 to round 208 in experiments/results/equivalence_start/ (a few minutes on a CPU).
@@ -56,10 +61,11 @@ def average(states):
     return {k: (sum(s[k].float() for s in states) / len(states)).to(states[0][k].dtype) for k in states[0]}
 
 
-def harden(fed, cids, round_no, flip):
-    """The clients' FLIP hardening from the global model; (local states, seconds, inversions)."""
+def harden(fed, cids, seed_round, flip):
+    """The clients' FLIP hardening from the global model, with the client seeds of round
+    ``seed_round``; (local states, seconds, inversions)."""
     params = {**fed.params, "flip": flip}
-    seeds = [fed.client_seed(round_no, cid) for cid in cids]
+    seeds = [fed.client_seed(seed_round, cid) for cid in cids]
     start = time.perf_counter()
     results = invert.flip_round(fed.model, fed.global_state, fed.data, cids, params, {}, seeds, fed.device)
     seconds = time.perf_counter() - start
@@ -73,6 +79,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--start-dir", default=START, help="folder of the backdoored start run")
+    p.add_argument("--control", action="store_true",
+                   help="second mode: the reference budget with other client seeds, instead of the adaptive budget")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = backdoored_model(args.start_dir, args.round, args.threads)
@@ -82,23 +90,25 @@ def main():
         fed = train.Federation(params, run_dir, args.device)
     round_no = args.round + 1
     cids = train.choose_participants(params, round_no, fed.schedule)
-    modes = {"reference": {**params["flip"], "adaptive_budget": False},
-             "adaptive": {**params["flip"], "adaptive_budget": True}}
+    reference = {**params["flip"], "adaptive_budget": False}
+    second = "reference, other seeds" if args.control else "adaptive"
+    modes = {"reference": (reference, round_no),
+             second: (reference, round_no + 1000) if args.control else ({**reference, "adaptive_budget": True}, round_no)}
     global_ma, global_ba = evaluate(fed, fed.global_state)
     print(f"start: round {args.round}, MA {global_ma} BA {global_ba}; clients {cids}", file=sys.stderr)
     rows = {}
-    for name, flip in modes.items():
-        states, seconds, inversions = harden(fed, cids, round_no, flip)
+    for name, (flip, seed_round) in modes.items():
+        states, seconds, inversions = harden(fed, cids, seed_round, flip)
         rows[name] = {"seconds": round(seconds, 1), "inversions": inversions,
                       "clients": [evaluate(fed, s) for s in states], "average": evaluate(fed, average(states))}
         print(json.dumps({"mode": name, **rows[name]}))
-    print("\n| client | MA reference | BA reference | MA adaptive | BA adaptive |\n|---|---|---|---|---|")
-    for cid, (ma_r, ba_r), (ma_a, ba_a) in zip(cids, rows["reference"]["clients"], rows["adaptive"]["clients"]):
+    print(f"\n| client | MA reference | BA reference | MA {second} | BA {second} |\n|---|---|---|---|---|")
+    for cid, (ma_r, ba_r), (ma_a, ba_a) in zip(cids, rows["reference"]["clients"], rows[second]["clients"]):
         print(f"| {cid} | {ma_r} | {ba_r} | {ma_a} | {ba_a} |")
-    (ma_r, ba_r), (ma_a, ba_a) = rows["reference"]["average"], rows["adaptive"]["average"]
+    (ma_r, ba_r), (ma_a, ba_a) = rows["reference"]["average"], rows[second]["average"]
     print(f"| average of the hardened models | {ma_r} | {ba_r} | {ma_a} | {ba_a} |")
     print(f"| inversion seconds (inversions) | {rows['reference']['seconds']} ({rows['reference']['inversions']}) | | "
-          f"{rows['adaptive']['seconds']} ({rows['adaptive']['inversions']}) | |")
+          f"{rows[second]['seconds']} ({rows[second]['inversions']}) | |")
     print(f"\nstart model: MA {global_ma}, BA {global_ba}")
 
 
