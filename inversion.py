@@ -135,9 +135,9 @@ def channels_last(t):
 
 
 class Solver:
-    """The live part of a batched inversion: the stacked batch (requests sorted by image count,
-    descending), the models' parameters and the Adam state, for the requests still running;
-    ``drop`` removes finished ones and trims the padding they needed.
+    """The live part of a batched inversion, for the requests still running: the stacked batch
+    (requests sorted by image count, descending), their models (stacked, or one per request) and
+    the Adam state; ``drop`` removes finished ones and trims the padding they needed.
 
     The forward pass runs either per request, over its own images only, in channels-last layout
     (``per_request``, the default on a CPU: padding costs its full FLOPs there and the layout is
@@ -151,22 +151,21 @@ class Solver:
         self.theta_p = to_theta(batch.pop("p0")).requires_grad_()
         self.optimizer = torch.optim.Adam([self.theta_m, self.theta_p], lr=fp["inversion_lr"], betas=ADAM_BETAS)
         self.stacked = torch.vmap(lambda p, b, x: functional_call(template, (p, b), (x,)))
-        self.split_models()
-
-    def split_models(self):
-        """Each live request's own (params, buffers), channels-last, for the per-request pass."""
-        self.models = [({k: channels_last(v[i]) for k, v in self.params.items()},
-                        {k: v[i] for k, v in self.buffers.items()})
-                       for i in range(len(self.sizes))] if self.per_request else []
+        # each request's own (params, buffers), channels-last, made once for the per-request pass
+        self.models = [({k: channels_last(v[i]) for k, v in params.items()}, {k: v[i] for k, v in buffers.items()})
+                       for i in range(len(self.sizes))] if per_request else []
 
     def drop(self, keep):
         """Keep only the requests at positions ``keep`` (a sorted numpy index array)."""
         self.sizes = self.sizes[keep]
         width = int(self.sizes.max())
+        if self.per_request:
+            self.models = [self.models[i] for i in keep]
         keep = torch.as_tensor(keep, device=self.theta_m.device)
         self.b = {k: v[keep][:, :width] if k in PER_IMAGE else v[keep] for k, v in self.b.items()}
-        self.params = {k: v[keep] for k, v in self.params.items()}
-        self.buffers = {k: v[keep] for k, v in self.buffers.items()}
+        if not self.per_request:
+            self.params = {k: v[keep] for k, v in self.params.items()}
+            self.buffers = {k: v[keep] for k, v in self.buffers.items()}
         old = self.optimizer
         thetas = [self.theta_m.detach()[keep].requires_grad_(), self.theta_p.detach()[keep].requires_grad_()]
         self.optimizer = torch.optim.Adam(thetas, **{k: old.defaults[k] for k in ("lr", "betas")})
@@ -175,7 +174,6 @@ class Solver:
             self.optimizer.state[after] = {"step": state["step"], "exp_avg": state["exp_avg"][keep],
                                            "exp_avg_sq": state["exp_avg_sq"][keep]}
         self.theta_m, self.theta_p = thetas
-        self.split_models()
 
     def logits(self, mask, pattern):
         """Logits (k, N, classes) of the stacked images with each request's triggers stamped
