@@ -9,10 +9,12 @@ one stacked batch; on a CPU, where padded images cost their full FLOPs, the forw
 request over its own images only (``Solver``). Every constant comes from the YAML group `flip`.
 """
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
@@ -134,6 +136,50 @@ def channels_last(t):
     return torch.empty_like(t, memory_format=torch.channels_last).copy_(t) if t.dim() == 4 else t
 
 
+class _ImageConvFunction(torch.autograd.Function):
+    """conv2d over frozen weights whose backward returns the input gradient only, as one matmul
+    and a fold (col2im). For a layer with an image's 1–3 input channels this is ~4x faster on a
+    CPU than the library's backward-data convolution (1.9 ms against 0.45 ms for MnistNet's
+    first layer, 20 images); for wider inputs it is slower, so only image layers use it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape[-2:]), stride, padding, dilation)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        size, stride, padding, dilation = ctx.geometry
+        n, c_out = grad.shape[:2]
+        columns = torch.matmul(weight.reshape(c_out, -1).t(), grad.reshape(n, c_out, -1))
+        x_grad = F.fold(columns, size, weight.shape[-2:], dilation, padding, stride)
+        return x_grad, None, None, None, None, None
+
+
+class ImageConv2d(nn.Conv2d):
+    """A Conv2d on the input images whose backward is `_ImageConvFunction`'s (weights frozen)."""
+
+    def forward(self, x):
+        return _ImageConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def with_image_convs(template, channels):
+    """A copy of ``template`` whose plain convolutions with ``channels`` input channels (the
+    layers that read the images) are ImageConv2d, under the same parameter names."""
+    model = copy.deepcopy(template)
+    for parent in list(model.modules()):
+        for name, conv in list(parent.named_children()):
+            if (type(conv) is nn.Conv2d and conv.in_channels == channels and conv.groups == 1
+                    and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
+                image_conv = ImageConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                         conv.padding, conv.dilation, bias=conv.bias is not None)
+                image_conv.to(conv.weight).load_state_dict(conv.state_dict())
+                setattr(parent, name, image_conv.requires_grad_(False))
+    return model
+
+
 class Solver:
     """The live part of a batched inversion, for the requests still running: the stacked batch
     (requests sorted by image count, descending), their models (stacked, or one per request) and
@@ -141,11 +187,13 @@ class Solver:
 
     The forward pass runs either per request, over its own images only, in channels-last layout
     (``per_request``, the default on a CPU: padding costs its full FLOPs there and the layout is
-    ~1.4x faster), or as one vmapped call over the padded stack (on an accelerator, where kernel
-    launches cost more than padding). Both compute the same numbers up to float rounding."""
+    ~1.4x faster; the image layers' input gradient by ``_ImageConvFunction``), or as one vmapped
+    call over the padded stack (on an accelerator, where kernel launches cost more than padding).
+    Both compute the same numbers up to float rounding."""
 
     def __init__(self, template, batch, params, buffers, sizes, fp, per_request):
-        self.template, self.per_request = template, per_request
+        self.per_request = per_request
+        self.template = with_image_convs(template, batch["x"].shape[2]) if per_request else template
         self.b, self.params, self.buffers, self.sizes = batch, params, buffers, np.asarray(sizes)
         self.theta_m = to_theta(batch.pop("m0")).requires_grad_()
         self.theta_p = to_theta(batch.pop("p0")).requires_grad_()

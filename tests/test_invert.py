@@ -121,6 +121,24 @@ def test_adaptive_budget_stops_early_with_a_trigger_as_small_as_the_full_budgets
     assert not hopeless.success[0] and hopeless.steps_run == 20
 
 
+@pytest.mark.parametrize("name, shape", [("MnistNet", (1, 28, 28)), ("ResNet18", (3, 32, 32))])
+def test_image_convs_give_the_library_input_gradient(name, shape, float64):
+    """The per-request pass's image layers (matmul + fold backward) give the same logits and input
+    gradient as the model itself, and only the layers that read the image are replaced."""
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10).eval().requires_grad_(False)
+    fast = inversion.with_image_convs(model, shape[0])
+    replaced = [n for n, m in fast.named_modules() if isinstance(m, inversion.ImageConv2d)]
+    assert replaced == ["conv1"]
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    x = torch.rand(5, *shape, requires_grad=True)
+    weights = torch.randn(5, 10)
+    expected = torch.autograd.grad((model(x) * weights).sum(), x)[0]
+    got = torch.autograd.grad((fast(x) * weights).sum(), x)[0]
+    assert torch.allclose(model(x), fast(x), atol=1e-12)
+    assert torch.allclose(got, expected, atol=1e-12) and expected.abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("per_request", [True, False])
 def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored, per_request, float64):
     """Requests of different step and image counts in one call (sorted by image count, finished
