@@ -10,6 +10,8 @@ request over its own images only (``Solver``). Every constant comes from the YAM
 """
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,6 +167,40 @@ class ImageConv2d(nn.Conv2d):
         return _ImageConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
+def request_models(template, params, buffers):
+    """One frozen module per request: a copy of ``template`` holding request i's parameters
+    (channels-last) and buffers, so that requests can run on separate threads."""
+    models = []
+    for i in range(len(next(iter(params.values())))):
+        model = copy.deepcopy(template)
+        for name, value in params.items():
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, nn.Parameter(channels_last(value[i]), requires_grad=False))
+        for name, value in buffers.items():
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, value[i])
+        models.append(model)
+    return models
+
+
+@contextmanager
+def request_threads(workers):
+    """A pool of ``workers`` threads, each running torch ops on one intra-op thread, and the
+    caller's ops on one thread too while it is open (requests run side by side instead of each
+    op being split across threads: small per-request convolutions scale poorly when split).
+    Yields the pool's ``map``, or the built-in ``map`` for one worker."""
+    if workers <= 1:
+        yield map
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(threads)
+
+
 def with_image_convs(template, channels):
     """A copy of ``template`` whose plain convolutions with ``channels`` input channels (the
     layers that read the images) are ImageConv2d, under the same parameter names."""
@@ -185,23 +221,22 @@ class Solver:
     (requests sorted by image count, descending), their models (stacked, or one per request) and
     the Adam state; ``drop`` removes finished ones and trims the padding they needed.
 
-    The forward pass runs either per request, over its own images only, in channels-last layout
-    (``per_request``, the default on a CPU: padding costs its full FLOPs there and the layout is
-    ~1.4x faster; the image layers' input gradient by ``_ImageConvFunction``), or as one vmapped
-    call over the padded stack (on an accelerator, where kernel launches cost more than padding).
-    Both compute the same numbers up to float rounding."""
+    The forward and backward passes run either per request, over its own images only, on its own
+    module in channels-last layout, the requests spread over ``map_requests``'s threads (``per_request``,
+    the default on a CPU: padding costs its full FLOPs there and the layout is ~1.4x faster; the
+    image layers' input gradient by ``_ImageConvFunction``), or as one vmapped call over the padded
+    stack (on an accelerator, where kernel launches cost more than padding). Both compute the
+    same numbers up to float rounding."""
 
-    def __init__(self, template, batch, params, buffers, sizes, fp, per_request):
-        self.per_request = per_request
-        self.template = with_image_convs(template, batch["x"].shape[2]) if per_request else template
+    def __init__(self, template, batch, params, buffers, sizes, fp, per_request, map_requests=map):
+        self.per_request, self.map_requests = per_request, map_requests
         self.b, self.params, self.buffers, self.sizes = batch, params, buffers, np.asarray(sizes)
         self.theta_m = to_theta(batch.pop("m0")).requires_grad_()
         self.theta_p = to_theta(batch.pop("p0")).requires_grad_()
         self.optimizer = torch.optim.Adam([self.theta_m, self.theta_p], lr=fp["inversion_lr"], betas=ADAM_BETAS)
         self.stacked = torch.vmap(lambda p, b, x: functional_call(template, (p, b), (x,)))
-        # each request's own (params, buffers), channels-last, made once for the per-request pass
-        self.models = [({k: channels_last(v[i]) for k, v in params.items()}, {k: v[i] for k, v in buffers.items()})
-                       for i in range(len(self.sizes))] if per_request else []
+        self.models = request_models(with_image_convs(template, batch["x"].shape[2]), params, buffers) \
+            if per_request else []
 
     def drop(self, keep):
         """Keep only the requests at positions ``keep`` (a sorted numpy index array)."""
@@ -223,38 +258,53 @@ class Solver:
                                            "exp_avg_sq": state["exp_avg_sq"][keep]}
         self.theta_m, self.theta_p = thetas
 
-    def logits(self, mask, pattern):
-        """Logits (k, N, classes) of the stacked images with each request's triggers stamped
-        (trigger ``group`` on each image). Per request, only its own images are stamped and
-        passed, and the padding rows get zero logits (their weight is zero)."""
+    def backward(self, mask, pattern, reg):
+        """Backpropagate the loss Σ valid·(mean cross-entropy of the trigger's stamped images
+        + cost·mask L1) into the thetas; returns each trigger's stamped accuracy (k, T)."""
         b = self.b
+        reg_loss = (b["cost"] * reg * b["valid"]).sum()
         if not self.per_request:
             rows = torch.arange(len(b["x"]), device=b["x"].device).unsqueeze(1)
             x_adv = apply_trigger(b["x"], mask[rows, b["group"]], pattern[rows, b["group"]])
-            return self.stacked(self.params, self.buffers, x_adv)
-        width, out = b["x"].shape[1], []
-        for i, (n, model) in enumerate(zip(self.sizes, self.models)):
-            group = b["group"][i, :n]
-            x_adv = apply_trigger(b["x"][i, :n], mask[i][group], pattern[i][group])
-            out.append(F.pad(functional_call(self.template, model, (channels_last(x_adv),)), (0, 0, 0, width - n)))
-        return torch.stack(out)
+            ce_t, acc = trigger_loss(self.stacked(self.params, self.buffers, x_adv), b["labels"], b["group"],
+                                     b["weight"], b["count"])
+            (reg_loss + (ce_t * b["valid"]).sum()).backward()
+            return acc
+        leaves = [(m.detach().requires_grad_(), p.detach().requires_grad_()) for m, p in zip(mask, pattern)]
+        out = list(self.map_requests(self.request_gradient, range(len(leaves)), leaves))
+        torch.autograd.backward([reg_loss, mask, pattern],
+                                [None, torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])])
+        return torch.stack([o[2] for o in out])
+
+    def request_gradient(self, i, leaves):
+        """Request i alone (its own images and module): the gradient of its cross-entropy terms
+        with respect to its masks and patterns, and its triggers' stamped accuracy."""
+        b, n, (mask, pattern) = self.b, self.sizes[i], leaves
+        group, labels = b["group"][i, :n], b["labels"][i, :n]
+        logits = self.models[i](channels_last(apply_trigger(b["x"][i, :n], mask[group], pattern[group])))
+        ce_t, acc = trigger_loss(logits, labels, group, b["weight"][i, :n], b["count"][i])
+        grad_mask, grad_pattern = torch.autograd.grad((ce_t * b["valid"][i]).sum(), (mask, pattern))
+        return grad_mask, grad_pattern, acc
+
+
+def trigger_loss(logits, labels, group, weight, count):
+    """Per trigger (last dimension T): the mean cross-entropy and the accuracy of its stamped
+    images, from logits (..., N, classes) and per-image labels, trigger index and weight."""
+    ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    zeros = torch.zeros_like(count)
+    ce_t = zeros.scatter_add(-1, group, ce * weight) / count
+    acc = zeros.scatter_add(-1, group, (logits.argmax(-1) == labels).float() * weight) / count
+    return ce_t, acc
 
 
 def adam_step(s, fp, step):
     """One Adam step of every live request, then the success, best-trigger, re-initialisation
     and cost bookkeeping as tensor operations (no host synchronisation)."""
     b = s.b
-    k = len(b["x"])
     mask, pattern = from_theta(s.theta_m), from_theta(s.theta_p)
-    logits = s.logits(mask, pattern)
-    ce = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none").view(k, -1)
-    zeros = torch.zeros_like(b["cost"])
-    ce_t = zeros.scatter_add(1, b["group"], ce * b["weight"]) / b["count"]
-    acc = zeros.scatter_add(1, b["group"], (logits.argmax(-1) == b["labels"]).float() * b["weight"]) / b["count"]
     reg = mask.abs().sum(dim=(-2, -1))
-    loss = ((ce_t + b["cost"] * reg) * b["valid"]).sum()
     s.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    acc = s.backward(mask, pattern, reg)
     s.optimizer.step()
     with torch.no_grad():
         valid = b["valid"]
@@ -300,9 +350,21 @@ def invert_batch(template, params, buffers, requests, fp, shape, generators, per
     sizes = np.array([len(r.x) for r in requests])
     ids = np.argsort(-sizes, kind="stable")          # original position of each live request
     order = torch.as_tensor(ids, device=device)
-    s = Solver(template, stack_requests([requests[i] for i in ids], fp, shape, [generators[i] for i in ids], device),
-               {k: v[order] for k, v in params.items()}, {k: v[order] for k, v in buffers.items()}, sizes[ids], fp,
-               device.type == "cpu" if per_request is None else per_request)
+    per_request = device.type == "cpu" if per_request is None else per_request
+    with request_threads(min(torch.get_num_threads(), len(requests)) if per_request else 1) as pool_map:
+        s = Solver(template, stack_requests([requests[i] for i in ids], fp, shape, [generators[i] for i in ids], device),
+                   {k: v[order] for k, v in params.items()}, {k: v[order] for k, v in buffers.items()}, sizes[ids],
+                   fp, per_request, pool_map)
+        results = solve(s, requests, ids, fp, device)
+    return [InvertResult(res.masks[:r.n_triggers], res.patterns[:r.n_triggers], res.sizes[:r.n_triggers],
+                         res.success[:r.n_triggers], res.accuracy[:r.n_triggers], res.steps_run,
+                         res.last_improved[:r.n_triggers])
+            for res, r in zip(results, requests)]
+
+
+def solve(s, requests, ids, fp, device):
+    """Run the Solver's steps until every request has finished; the InvertResults in the
+    requests' order (``ids``: the original position of each live request)."""
     budgets = np.array([r.steps for r in requests])
     results = [None] * len(requests)
     adaptive = fp["adaptive_budget"]
@@ -321,7 +383,4 @@ def invert_batch(template, params, buffers, requests, fp, shape, generators, per
         if not len(ids):
             break
         s.drop(np.flatnonzero(~done))
-    return [InvertResult(res.masks[:r.n_triggers], res.patterns[:r.n_triggers], res.sizes[:r.n_triggers],
-                         res.success[:r.n_triggers], res.accuracy[:r.n_triggers], res.steps_run,
-                         res.last_improved[:r.n_triggers])
-            for res, r in zip(results, requests)]
+    return results

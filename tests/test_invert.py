@@ -139,6 +139,36 @@ def test_image_convs_give_the_library_input_gradient(name, shape, float64):
     assert torch.allclose(got, expected, atol=1e-12) and expected.abs().max() > 1e-4
 
 
+def test_per_request_threads_give_the_numbers_of_one_thread(backdoored):
+    """With two threads the requests run side by side, each on one intra-op thread: every
+    request computes exactly what it computes with one thread, and the caller's thread count
+    is restored."""
+    model = backdoored["model"]
+    x = backdoored["test_x"][backdoored["test_y"] != TARGET]
+    fp = resolve_flip_params({}, "fashion_mnist")
+    requests = [inversion.Invert(x[20 * i:20 * i + n], torch.full((n,), TARGET), torch.zeros(n, dtype=torch.long), 1,
+                                 steps, fp["init_cost"], [None]) for i, (steps, n) in enumerate(((40, 9), (25, 17), (40, 4)))]
+    models = invert.ClientModels(model, model.state_dict(), len(requests), 0.01)
+    with torch.no_grad():
+        for i, m in enumerate(models.models):
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    params, buffers = models.frozen_stack(list(range(len(requests))))
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(inversion.invert_batch(model, params, buffers, requests, fp, (1, 28, 28),
+                                               [torch.Generator().manual_seed(i) for i in range(3)], per_request=True))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*runs):
+        assert torch.equal(one.masks, two.masks) and torch.equal(one.patterns, two.patterns)
+    assert not torch.equal(runs[0][0].masks, runs[0][1].masks)
+
+
 @pytest.mark.parametrize("per_request", [True, False])
 def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored, per_request, float64):
     """Requests of different step and image counts in one call (sorted by image count, finished
