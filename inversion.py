@@ -5,8 +5,9 @@ frozen client models (``invert_batch``).
 Requests of different lengths share one batched loop; a request leaves the stacked batch as soon
 as it has run its steps (or, with the opt-in adaptive budget, once its best trigger has stopped
 improving), so no FLOPs go to finished requests. Requests of different image counts are padded to
-one stacked batch; on a CPU, where padded images cost their full FLOPs, the forward pass runs per
-request over its own images only (``Solver``). Every constant comes from the YAML group `flip`.
+one stacked batch; on a CPU, where padded images cost their full FLOPs, the forward and backward
+passes run per request over its own images only, the requests spread over torch's threads
+(``Solver``). Every constant comes from the YAML group `flip`.
 """
 
 import copy
