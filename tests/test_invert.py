@@ -121,6 +121,24 @@ def test_adaptive_budget_stops_early_with_a_trigger_as_small_as_the_full_budgets
     assert not hopeless.success[0] and hopeless.steps_run == 20
 
 
+def target_requests(x, shapes, fp):
+    """Single-trigger requests towards TARGET, one per (steps, images) in ``shapes``, request i on
+    images x[20 i : 20 i + images]."""
+    return [inversion.Invert(x[20 * i:20 * i + n], torch.full((n,), TARGET), torch.zeros(n, dtype=torch.long), 1,
+                             steps, fp["init_cost"], [None]) for i, (steps, n) in enumerate(shapes)]
+
+
+def distinct_client_models(model, n):
+    """ClientModels of ``n`` clients whose weights differ (model + seeded noise), so that a
+    request run on another request's model would show."""
+    models = invert.ClientModels(model, model.state_dict(), n, 0.01)
+    with torch.no_grad():
+        for i, m in enumerate(models.models):
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    return models
+
+
 @pytest.mark.parametrize("name, shape", [("MnistNet", (1, 28, 28)), ("ResNet18", (3, 32, 32))])
 def test_image_convs_give_the_library_input_gradient(name, shape, float64):
     """The per-request pass's image layers (matmul + fold backward) give the same logits and input
@@ -146,13 +164,8 @@ def test_per_request_threads_give_the_numbers_of_one_thread(backdoored):
     model = backdoored["model"]
     x = backdoored["test_x"][backdoored["test_y"] != TARGET]
     fp = resolve_flip_params({}, "fashion_mnist")
-    requests = [inversion.Invert(x[20 * i:20 * i + n], torch.full((n,), TARGET), torch.zeros(n, dtype=torch.long), 1,
-                                 steps, fp["init_cost"], [None]) for i, (steps, n) in enumerate(((40, 9), (25, 17), (40, 4)))]
-    models = invert.ClientModels(model, model.state_dict(), len(requests), 0.01)
-    with torch.no_grad():
-        for i, m in enumerate(models.models):
-            for p in m.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    requests = target_requests(x, ((40, 9), (25, 17), (40, 4)), fp)
+    models = distinct_client_models(model, len(requests))
     params, buffers = models.frozen_stack(list(range(len(requests))))
     before = torch.get_num_threads()
     runs = []
@@ -177,14 +190,8 @@ def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoor
     model, bd = copy.deepcopy(backdoored["model"]).double(), backdoored
     fp = resolve_flip_params({}, "fashion_mnist")
     x = bd["test_x"][bd["test_y"] != TARGET].double()
-    shapes = ((30, 12), (50, 20), (45, 7), (40, 19))   # (steps, images)
-    requests = [inversion.Invert(x[20 * i:20 * i + n], torch.full((n,), TARGET), torch.zeros(n, dtype=torch.long),
-                                 1, steps, fp["init_cost"], [None]) for i, (steps, n) in enumerate(shapes)]
-    models = invert.ClientModels(model, model.state_dict(), len(requests), 0.01)
-    with torch.no_grad():  # distinct models, so a request run on another's model would show
-        for i, m in enumerate(models.models):
-            for p in m.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    requests = target_requests(x, ((30, 12), (50, 20), (45, 7), (40, 19)), fp)   # (steps, images)
+    models = distinct_client_models(model, len(requests))
     params, buffers = models.frozen_stack(list(range(len(requests))))
     together = inversion.invert_batch(model, params, buffers, requests, fp, (1, 28, 28),
                                       [torch.Generator().manual_seed(i) for i in range(len(requests))], per_request)
