@@ -231,7 +231,9 @@ class Solver:
 
     def __init__(self, template, batch, params, buffers, sizes, fp, per_request, map_requests=map):
         self.per_request, self.map_requests = per_request, map_requests
-        self.b, self.params, self.buffers, self.sizes = batch, params, buffers, np.asarray(sizes)
+        self.b, self.sizes = batch, np.asarray(sizes)
+        # the stacked parameters serve the vmapped pass only; the per-request pass has its modules
+        self.params, self.buffers = ({}, {}) if per_request else (params, buffers)
         self.theta_m = to_theta(batch.pop("m0")).requires_grad_()
         self.theta_p = to_theta(batch.pop("p0")).requires_grad_()
         self.optimizer = torch.optim.Adam([self.theta_m, self.theta_p], lr=fp["inversion_lr"], betas=ADAM_BETAS)
@@ -247,9 +249,8 @@ class Solver:
             self.models = [self.models[i] for i in keep]
         keep = torch.as_tensor(keep, device=self.theta_m.device)
         self.b = {k: v[keep][:, :width] if k in PER_IMAGE else v[keep] for k, v in self.b.items()}
-        if not self.per_request:
-            self.params = {k: v[keep] for k, v in self.params.items()}
-            self.buffers = {k: v[keep] for k, v in self.buffers.items()}
+        self.params = {k: v[keep] for k, v in self.params.items()}
+        self.buffers = {k: v[keep] for k, v in self.buffers.items()}
         old = self.optimizer
         thetas = [self.theta_m.detach()[keep].requires_grad_(), self.theta_p.detach()[keep].requires_grad_()]
         self.optimizer = torch.optim.Adam(thetas, **{k: old.defaults[k] for k in ("lr", "betas")})
