@@ -67,6 +67,20 @@ def test_rfa_converges_to_the_geometric_median():
     # near (1, 1), pulled slightly toward the outlier: the mean (20.8, 20.8, what zero Weiszfeld
     # steps return) and two steps (2.56, 2.56) fail this, as the coordinate median (1, 1) does
     assert 1.0 < float(v[0]) < 1.5
+    assert float(v[0]) == pytest.approx(diagonal_geometric_median(U.numpy()), abs=1e-4)
+
+
+def diagonal_geometric_median(points):
+    """t minimising the summed distances from (t, t) to ``points``, by bisection on the slope of
+    that convex sum (independent of robust_rules' Weiszfeld iteration)."""
+    def slope(t):
+        d = np.array([t, t]) - points
+        return float((d.sum(1) / np.linalg.norm(d, axis=1)).sum())
+    lo, hi = float(points.min()), float(points.max())
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return lo
 
 
 def test_foolsgold_gives_identical_sybils_near_zero_weight():
