@@ -69,6 +69,19 @@ def apply_trigger(x, mask, pattern):
     return ((1 - mask) * x + mask * pattern).clamp(0.0, 1.0)
 
 
+def per_image(values, group):
+    """Each image's trigger: ``values`` (..., T, *trigger shape) picked by ``group`` (..., N),
+    broadcastable to (..., N, *trigger shape). Written as broadcast ``where``s, not as indexing:
+    the backward of an index with repeated entries accumulates in parallel on a multi-threaded
+    CPU, and from 64 images on its sums changed from run to run (torch 2.15, two threads)."""
+    dim = group.dim() - 1
+    group = group.view(*group.shape, *[1] * (values.dim() - dim - 1))
+    out = values.select(dim, 0).unsqueeze(dim)
+    for g in range(1, values.shape[dim]):
+        out = torch.where(group == g, values.select(dim, g).unsqueeze(dim), out)
+    return out
+
+
 def initial_trigger(init, n_triggers, shape, region, generator, device):
     """Masks (T, H, W) and patterns (T, C, H, W): stored ones where given, else uniform random.
     ``region`` (opt-in, the reference's CIFAR behaviour) sets new masks to 1 over
@@ -171,9 +184,11 @@ class ImageConv2d(nn.Conv2d):
 def request_models(template, params, buffers):
     """One frozen module per request: a copy of ``template`` holding request i's parameters
     (channels-last) and buffers, so that requests can run on separate threads."""
+    # the copies leave out the template's own tensors (memo: None), replaced just below
+    memo = {id(t): None for t in [*template.parameters(), *template.buffers()]}
     models = []
     for i in range(len(next(iter(params.values())))):
-        model = copy.deepcopy(template)
+        model = copy.deepcopy(template, dict(memo))
         for name, value in params.items():
             module, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(channels_last(value[i]), requires_grad=False))
@@ -266,8 +281,7 @@ class Solver:
         b = self.b
         reg_loss = (b["cost"] * reg * b["valid"]).sum()
         if not self.per_request:
-            rows = torch.arange(len(b["x"]), device=b["x"].device).unsqueeze(1)
-            x_adv = apply_trigger(b["x"], mask[rows, b["group"]], pattern[rows, b["group"]])
+            x_adv = apply_trigger(b["x"], per_image(mask, b["group"]), per_image(pattern, b["group"]))
             ce_t, acc = trigger_loss(self.stacked(self.params, self.buffers, x_adv), b["labels"], b["group"],
                                      b["weight"], b["count"])
             (reg_loss + (ce_t * b["valid"]).sum()).backward()
@@ -283,7 +297,8 @@ class Solver:
         with respect to its masks and patterns, and its triggers' stamped accuracy."""
         b, n, (mask, pattern) = self.b, self.sizes[i], leaves
         group, labels = b["group"][i, :n], b["labels"][i, :n]
-        logits = self.models[i](channels_last(apply_trigger(b["x"][i, :n], mask[group], pattern[group])))
+        x_adv = apply_trigger(b["x"][i, :n], per_image(mask, group), per_image(pattern, group))
+        logits = self.models[i](channels_last(x_adv))
         ce_t, acc = trigger_loss(logits, labels, group, b["weight"][i, :n], b["count"][i])
         grad_mask, grad_pattern = torch.autograd.grad((ce_t * b["valid"][i]).sum(), (mask, pattern))
         return grad_mask, grad_pattern, acc

@@ -182,6 +182,30 @@ def test_per_request_threads_give_the_numbers_of_one_thread(backdoored):
     assert not torch.equal(runs[0][0].masks, runs[0][1].masks)
 
 
+def test_per_image_picks_each_images_trigger_with_a_gradient_that_repeats_bit_for_bit():
+    """``per_image`` gives values[group] (one request, and a stack of two) and each trigger's
+    gradient is the sum over its images; at two threads that gradient has the same bits on every
+    run (the index it replaces changed them from run to run with 64 images or more)."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape, group in (((2, 28, 28), torch.randint(0, 2, (128,))), ((3, 2, 28, 28), torch.randint(0, 2, (3, 96)))):
+            values, upstream = torch.rand(shape), torch.randn(*group.shape, *shape[-2:])
+            expected = values[group] if group.dim() == 1 else torch.stack([v[g] for v, g in zip(values, group)])
+            grads = []
+            for _ in range(20):
+                leaf = values.clone().requires_grad_()
+                picked = inversion.per_image(leaf, group).expand_as(upstream)
+                assert torch.equal(picked, expected)
+                grads.append(torch.autograd.grad((picked * upstream).sum(), leaf)[0])
+            onehot = F.one_hot(group, 2).to(upstream.dtype)
+            assert torch.allclose(grads[0], torch.einsum("...ng,...nhw->...ghw", onehot, upstream), atol=1e-4)
+            assert all(torch.equal(g, grads[0]) for g in grads)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("per_request", [True, False])
 def test_requests_of_different_lengths_in_one_call_match_each_run_alone(backdoored, per_request, float64):
     """Requests of different step and image counts in one call (sorted by image count, finished
