@@ -141,8 +141,8 @@ def distinct_client_models(model, n):
 
 @pytest.mark.parametrize("name, shape", [("MnistNet", (1, 28, 28)), ("ResNet18", (3, 32, 32))])
 def test_image_convs_give_the_library_input_gradient(name, shape, float64):
-    """The per-request pass's image layers (matmul + fold backward) give the same logits and input
-    gradient as the model itself, and only the layers that read the image are replaced."""
+    """The per-request pass's image layers (torch's native convolution) give the same logits and
+    input gradient as the model itself, and only the layers that read the image are replaced."""
     torch.manual_seed(0)
     model = build_model(name, shape, 10).eval().requires_grad_(False)
     fast = inversion.with_image_convs(model, shape[0])
