@@ -228,7 +228,7 @@ class Solver:
     The forward and backward passes run either per request, over its own images only, on its own
     module in channels-last layout, the requests spread over ``map_requests``'s threads (``per_request``,
     the default on a CPU: padding costs its full FLOPs there and the layout is ~1.4x faster; the
-    image layers by ``ImageConv2d``), or as one vmapped call over the padded
+    image layers in NCHW by ``ImageConv2d``), or as one vmapped call over the padded
     stack (on an accelerator, where kernel launches cost more than padding). Both compute the
     same numbers up to float rounding."""
 

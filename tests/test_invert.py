@@ -183,7 +183,7 @@ def test_per_request_threads_give_the_numbers_of_one_thread(backdoored):
 
 
 def test_per_image_picks_each_images_trigger_with_a_gradient_that_repeats_bit_for_bit():
-    """``per_image`` gives values[group] (one request, and a stack of two) and each trigger's
+    """``per_image`` gives values[group] (one request, and a stack of three) and each trigger's
     gradient is the sum over its images; at two threads that gradient has the same bits on every
     run (the index it replaces changed them from run to run with 64 images or more)."""
     torch.manual_seed(0)
