@@ -271,6 +271,22 @@ def attacker_rounds(params, start_round):
     return rounds
 
 
+def drop_spelled_out_schedule(raw):
+    """A continuous attack's `k_poison_epochs` lists that spell out every round from their first
+    to `epochs` (as the params.yaml of runs made before the schedule was left derived) are removed,
+    so that a resumed run given a later `epochs` poisons to its new end, as a run made to that end
+    in one go does. Returns the names of the keys removed."""
+    if raw.get("attack_mode") != "continuous" or not isinstance(raw.get("epochs"), int):
+        return []
+    keys = [k for k in raw if EPOCHS_KEY.match(str(k)) and isinstance(raw[k], list) and raw[k]]
+    spelled = [k for k in keys if raw[k] == list(range(raw[k][0], raw["epochs"] + 1))]
+    if not spelled or len(spelled) != len(keys) or len({raw[k][0] for k in spelled}) != 1:
+        return []
+    for k in spelled:
+        del raw[k]
+    return spelled
+
+
 def _validate_defense(params):
     """Robust rules that assume f attackers among the n clients of a round need enough clients."""
     rule, n, f = params["aggregation_methods"], params["no_models"], params["robust_f"]

@@ -9,21 +9,26 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 FULL_CHECKPOINT = "checkpoint_full.pt"
 # Independent random streams of a round, keyed by (seed, round, stream[, client]).
 STREAM_SELECTION, STREAM_CLIENT, STREAM_SERVER = 0, 1, 2
 
 
-def setup_logging(run_dir, level=logging.INFO):
-    """Log to ``run_dir``/log.txt and to the console; returns the root logger."""
+def close_logging():
+    """Detach and close the run's log handlers (its log.txt)."""
     root = logging.getLogger()
-    root.setLevel(level)
     for h in list(root.handlers):
         if getattr(h, "_flip_run", False):
             root.removeHandler(h)
             h.close()
+
+
+def setup_logging(run_dir, level=logging.INFO):
+    """Log to ``run_dir``/log.txt and to the console; returns the root logger."""
+    close_logging()
+    root = logging.getLogger()
+    root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in (logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler()):
         handler.setFormatter(fmt)
@@ -103,7 +108,22 @@ def load_reference_checkpoint(path, model, what="resumed_model_name"):
                                               ("wrong shape", wrong)) if keys)
         raise CheckpointError(f"{what}: '{path}' does not fit model '{type(model).__name__}' ({detail}); "
                               "check `model` and `type` in the YAML")
+    require_finite(state, path, what)
     model.load_state_dict(state)
+    return int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
+
+
+def require_finite(state, path, what):
+    """A model state with a NaN or infinite float value cannot start a run: CheckpointError
+    naming the file and the first such key."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{what}: '{path}' has non-finite values in '{key}'")
+
+
+def reference_checkpoint_round(path, what="resumed_model_name"):
+    """The round (epoch) a reference-format checkpoint was saved after."""
+    ckpt = _read_checkpoint(path, what)
     return int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
 
 
@@ -144,23 +164,30 @@ def load_full_checkpoint(path):
     """The resume checkpoint; a corrupt one raises a CheckpointError that says how to fall back
     to the previous round's."""
     try:
-        return from_plain(_read_checkpoint(path, "--resume"))
+        ckpt = from_plain(_read_checkpoint(path, "--resume"))
     except CheckpointError as e:
-        prev = previous_checkpoint(path)
-        hint = (f"; the previous round's is '{prev}': move it to '{path}' to resume from there"
-                if os.path.isfile(prev) else "")
-        raise CheckpointError(f"{e}{hint}") from None
+        raise CheckpointError(f"{e}{previous_checkpoint_hint(path)}") from None
+    require_finite(ckpt.get("global_state", {}), path, "--resume")
+    return ckpt
+
+
+def previous_checkpoint_hint(path):
+    """What to do when the resume checkpoint ``path`` does not read: use the previous round's
+    only if that one reads."""
+    prev = previous_checkpoint(path)
+    if not os.path.isfile(prev):
+        return "; there is no previous round's checkpoint to fall back to: start the run again"
+    try:
+        _read_checkpoint(prev, "--resume")
+    except CheckpointError:
+        return f"; the previous round's '{prev}' does not read either: start the run again"
+    return f"; the previous round's is '{prev}': move it to '{path}' to resume from there"
 
 
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def write_params(run_dir, params):
-    with open(os.path.join(run_dir, "params.yaml"), "w") as f:
-        yaml.safe_dump(params, f, sort_keys=False)
 
 
 class CsvLog:

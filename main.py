@@ -4,11 +4,15 @@ import argparse
 import datetime
 import logging
 import os
+import shutil
 import sys
 
 import torch
 
-from config import ConfigError, apply_overrides, load_config, load_raw, resolve
+import helper
+import run_folder
+from config import (ConfigError, apply_overrides, drop_spelled_out_schedule, load_config, load_raw,
+                    pretrain_rounds, resolve)
 from image_helper import DataError
 
 logger = logging.getLogger("main")
@@ -37,11 +41,34 @@ def parse_args(argv=None):
 def load_params(args):
     """Resolved params and the run folder, for a new run or a resumed one."""
     if args.resume:
-        raw = apply_overrides(load_raw(os.path.join(args.resume, "params.yaml")), args.set)
-        return resolve(raw), args.resume
+        raw = load_raw(os.path.join(args.resume, "params.yaml"))
+        drop_spelled_out_schedule(raw)
+        return resolve(apply_overrides(raw, args.set)), args.resume
     params = load_config(args.params, args.set + (["pretrain=false"] if args.no_pretrain else []))
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     return params, args.run_dir or os.path.join("runs", f"{params['type']}_{stamp}")
+
+
+def check_rounds(params):
+    """A new run must have a round to run: its last round (`epochs`) after its start model's."""
+    if not params["resumed_model"]:
+        return
+    path = params["resumed_model_name"]
+    start = helper.reference_checkpoint_round(path) if os.path.isfile(path) else pretrain_rounds(params)
+    if params["epochs"] <= start:
+        raise ConfigError(f"epochs: the last round ({params['epochs']}) is not after the start model's round "
+                          f"({start}, '{path}'): no round to run")
+
+
+def finished_round(run_dir, params):
+    """The last round of a resumable run when it has reached `epochs` already, else None."""
+    last = helper.load_full_checkpoint(os.path.join(run_dir, helper.FULL_CHECKPOINT))["round"]
+    return last if last >= params["epochs"] else None
+
+
+def has_rounds(run_dir):
+    path = os.path.join(run_dir, "metrics.csv")
+    return os.path.isfile(path) and len(helper.read_csv(path)) > 0
 
 
 def main(argv=None):
@@ -51,20 +78,49 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params, run_dir = load_params(args)
-    except ConfigError as e:
+        if not args.resume:
+            check_rounds(params)
+    except (ConfigError, helper.CheckpointError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.resume and not os.path.isfile(os.path.join(run_dir, "checkpoint_full.pt")):
-        print(f"--resume: no checkpoint_full.pt in '{run_dir}'", file=sys.stderr)
+    if args.resume and not os.path.isfile(os.path.join(run_dir, helper.FULL_CHECKPOINT)):
+        print(f"--resume: no {helper.FULL_CHECKPOINT} in '{run_dir}'", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    os.makedirs(run_dir, exist_ok=True)
-    import helper
+    try:
+        created = run_folder.usable_folder(run_dir, "--resume" if args.resume else "--run-dir")
+        lock = run_folder.FolderLock(run_dir).acquire()
+    except run_folder.RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = None  # an exception (Ctrl-C, a crash) keeps the folder and its log
+    try:
+        code = run_in_folder(args, params, run_dir, device)
+        return code
+    finally:
+        lock.release()
+        if code and created and not has_rounds(run_dir):
+            helper.close_logging()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_in_folder(args, params, run_dir, device):
+    """The run itself, with its folder held; returns the exit code."""
     import train
 
+    if args.resume:
+        try:
+            last = finished_round(run_dir, params)
+        except helper.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if last is not None:
+            print(f"the run in '{run_dir}' is finished: it ran to round {last} (epochs: {params['epochs']}); "
+                  "give --set epochs=<later round> to extend it")
+            return 0
     logging.getLogger().handlers.clear()
     helper.setup_logging(run_dir)
     logger.info("run folder %s on %s (%d CPU threads)", run_dir, device, torch.get_num_threads())
@@ -73,7 +129,7 @@ def main(argv=None):
     except DataError as e:
         logger.error("%s", e)
         return 1
-    except helper.CheckpointError as e:
+    except (helper.CheckpointError, run_folder.RunFolderError) as e:
         logger.error("%s", e)
         return 2
     logger.info("done: %s", {k: summary[k] for k in ("peak_backdoor_acc", "total_seconds") if k in summary})

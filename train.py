@@ -13,9 +13,10 @@ from tqdm import tqdm
 import defense
 import helper
 import image_train
+import run_folder
 import test
 from config import attacker_rounds, pretrain_rounds
-from image_helper import (attacker_trigger_index, load_federated_data, trigger_mask, trigger_name,
+from image_helper import (DataError, attacker_trigger_index, load_federated_data, trigger_mask, trigger_name,
                           trigger_pixels)
 from models import build_model
 
@@ -52,6 +53,13 @@ def choose_participants(params, round_no, schedule):
     rng = np.random.default_rng(helper.derived_seed(params["seed"], round_no, helper.STREAM_SELECTION))
     others = rng.choice(pool, params["no_models"] - len(scheduled), replace=False)
     return scheduled + [int(c) for c in others]
+
+
+def describe_rounds(rounds):
+    """``[201, 202, 203]`` as "rounds 201-203"; other lists as they are."""
+    if len(rounds) > 2 and rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return f"rounds {rounds[0]}-{rounds[-1]}"
+    return f"rounds {rounds}" if rounds else "no round"
 
 
 def rate(numerator, denominator):
@@ -96,7 +104,8 @@ class Federation:
         self.triggers = {trigger_name(k): trigger_mask(trigger_pixels(params, k), h, w, device) for k in indices}
         self.schedule = attacker_rounds(params, self.first_round) if params["is_poison"] else []
         for k, rounds in enumerate(self.schedule):
-            params[f"{k}_poison_epochs"] = rounds
+            logger.info("attacker %d (client %d) poisons in %s", k, params["adversary_list"][k],
+                        describe_rounds(rounds))
 
     def state(self):
         return {"round": self.last_round, "first_round": self.first_round,
@@ -222,16 +231,22 @@ def ensure_start_model(params, run_dir, device):
         return
     rounds = pretrain_rounds(params)
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    resume = os.path.isfile(os.path.join(folder, helper.FULL_CHECKPOINT))
-    logger.info("resumed_model_name '%s' does not exist: %s the clean start model first (%d FedAvg "
-                "rounds, no attack, no defense) in %s; its log gives the time left after every round",
-                path, "continuing" if resume else "training", rounds, folder)
-    helper.setup_logging(folder)
-    try:
-        run(clean_params(params, rounds), folder, device, resume=resume)
-    finally:
-        helper.setup_logging(run_dir)
+    created = run_folder.usable_folder(folder, "resumed_model_name")
+    with run_folder.FolderLock(folder, "pretraining folder"):
+        resume = os.path.isfile(os.path.join(folder, helper.FULL_CHECKPOINT))
+        logger.info("resumed_model_name '%s' does not exist: %s the clean start model first (%d FedAvg "
+                    "rounds, no attack, no defense) in %s; its log gives the time left after every round",
+                    path, "continuing" if resume else "training", rounds, folder)
+        helper.setup_logging(folder)
+        try:
+            run(clean_params(params, rounds), folder, device, resume=resume)
+        except (DataError, helper.CheckpointError):
+            if created and not os.path.isfile(os.path.join(folder, helper.FULL_CHECKPOINT)):
+                helper.close_logging()
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            helper.setup_logging(run_dir)
     made = os.path.join(folder, f"model_last.pt.tar.epoch_{rounds}")
     if os.path.abspath(made) != os.path.abspath(path):
         shutil.copyfile(made, path)
@@ -247,8 +262,10 @@ def run(params, run_dir, device, resume=False):
     if resume:
         fed.restore(helper.load_full_checkpoint(ckpt_path))
         logger.info("resuming after round %d", fed.last_round)
-    else:
-        helper.write_params(run_dir, params)
+    run_folder.write_params(run_dir, params)
+    segment = run_folder.record_segment(run_dir, fed.last_round + 1, params["epochs"], device)
+    logger.info("rounds %d-%d run on %s", segment["first_round"], segment["last_round"],
+                run_folder.describe_code(segment))
     keep = fed.last_round if resume else None
     metrics = helper.CsvLog(os.path.join(run_dir, "metrics.csv"), metric_columns(params), keep)
     clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, keep)
@@ -279,4 +296,5 @@ def run(params, run_dir, device, resume=False):
         "dataset": params["type"], "aggregation": params["aggregation_methods"],
         "invert": params["invert"], "attack_mode": params["attack_mode"],
         "is_poison": params["is_poison"], "first_round": fed.first_round, "rounds": params["epochs"],
+        "code": run_folder.read_segments(run_dir),
     })
