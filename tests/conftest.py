@@ -39,10 +39,10 @@ def write_yaml(path, overrides=None, base=SYNTHETIC):
     return str(path)
 
 
-def run_main(*args, cwd=ROOT):
+def run_main(*args, cwd=ROOT, env=None):
     """Run main.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture
