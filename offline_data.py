@@ -37,19 +37,19 @@ class OfflineDataError(RuntimeError):
     """A registry route that did not deliver; the message says what failed."""
 
 
-def copy_debian_fashion_mnist(root):
-    """Decompress Debian's Fashion-MNIST idx files into the raw/ folder torchvision reads.
+def copy_debian_fashion_mnist(root, source=DEBIAN_FASHION_MNIST):
+    """Decompress Debian's Fashion-MNIST idx files (or the same .gz files in ``source``) into the
+    raw/ folder torchvision reads.
 
     Debian recompressed the .gz files, so torchvision's md5 check would reject them as they are.
     """
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
-    for name in os.listdir(DEBIAN_FASHION_MNIST):
+    for name in os.listdir(source):
         if name.endswith(".gz"):
-            with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, name)) as src, \
-                    open(os.path.join(raw, name[:-3]), "wb") as dst:
+            with gzip.open(os.path.join(source, name)) as src, open(os.path.join(raw, name[:-3]), "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    logger.info("copied Fashion-MNIST from %s into %s", DEBIAN_FASHION_MNIST, raw)
+    logger.info("copied Fashion-MNIST from %s into %s", source, raw)
 
 
 def mnist_raw_folder(root):

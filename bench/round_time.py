@@ -71,7 +71,7 @@ def main():
     p.add_argument("--adaptive", action="store_true",
                    help="run the reference budget and the adaptive budget (flip.adaptive_budget) on the same round")
     args = p.parse_args()
-    overrides = ["invert=true", "is_poison=false"] + args.set
+    overrides = ["invert=true", "is_poison=false"]
     if args.clients:
         overrides.append(f"no_models={args.clients}")
     if args.synthetic:
@@ -79,7 +79,7 @@ def main():
         shape, _ = config.DATASET_SHAPES[dataset]
         overrides += ["type=synthetic", f"synthetic_shape={list(shape)}", f"model={config.DEFAULT_MODEL[dataset]}",
                       f"synthetic_train_size={TRAIN_SIZES[dataset]}", "resumed_model=false"]
-    params = config.load_config(args.params, overrides)
+    params = config.load_config(args.params, overrides + args.set)
     for key in STEP_KEYS:
         params["flip"][key] = max(1, round(params["flip"][key] * args.budget_scale))
     if params["resumed_model"] and not os.path.isfile(params["resumed_model_name"]):

@@ -7,7 +7,12 @@ import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The device of the runs the tests start through main.py (bench/gpu_check.py sets it to cuda); the
+# in-process tests build their tensors on the CPU, and the bitwise thread-determinism tests are
+# about the CPU's kernels, so they stay there.
+DEVICE = os.environ.get("FLIP_TEST_DEVICE", "cpu")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 leaves a core to a background run
 
 SYNTHETIC = {

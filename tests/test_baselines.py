@@ -12,7 +12,7 @@ import defense
 import helper
 import reweighting
 import robust_rules
-from conftest import run_main, write_yaml
+from conftest import DEVICE, run_main, write_yaml
 
 PARAMS = {"lr_para": 1.0, "no_models": 5, "robust_f": 1, "multi_krum_m": None, "trim_fraction": 0.2,
           "rfa_iterations": 200, "rfa_smoothing": 1e-9, "clip_norm": 1.0, "dp_sigma": 0.0,
@@ -139,7 +139,7 @@ def test_buffers_are_averaged_over_the_admitted_clients_only():
 def test_foolsgold_history_survives_the_resume_checkpoint(tmp_path, synthetic_yaml):
     run_dir = tmp_path / "run"
     result = run_main("--params", synthetic_yaml({"epochs": 2, "aggregation_methods": "foolsgold"}),
-                      "--run-dir", run_dir, "--device", "cpu")
+                      "--run-dir", run_dir, "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = helper.load_full_checkpoint(str(run_dir / "checkpoint_full.pt"))
     history = ckpt["server_state"]["foolsgold_history"]
@@ -166,7 +166,7 @@ def start_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("start")
     path = folder / "pretrain" / f"model_last.pt.tar.epoch_{ATTACK_ROUND - 1}"
     cfg = write_yaml(folder / "cfg.yaml", {**ATTACK, "resumed_model_name": str(path)})
-    result = run_main("--params", cfg, "--run-dir", folder / "mean", "--device", "cpu")
+    result = run_main("--params", cfg, "--run-dir", folder / "mean", "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(path.parent / "metrics.csv") as f:
         print("start model MA", list(csv.DictReader(f))[-1]["main_acc"])
@@ -182,7 +182,7 @@ def test_each_rule_against_a_scaled_single_shot_attacker(tmp_path, start_model, 
     cfg, mean_run = start_model
     run_dir = mean_run if rule == "mean" else tmp_path / rule
     if rule != "mean":
-        result = run_main("--params", cfg, "--run-dir", run_dir, "--device", "cpu",
+        result = run_main("--params", cfg, "--run-dir", run_dir, "--device", DEVICE,
                           "--set", f"aggregation_methods={rule}")
         assert result.returncode == 0, result.stderr[-2000:]
     with open(run_dir / "metrics.csv") as f:

@@ -14,7 +14,7 @@ import yaml
 
 import invert
 import inversion
-from conftest import ROOT, run_main
+from conftest import DEVICE, ROOT, run_main
 from config import resolve_flip_params
 from image_helper import FederatedData, iid_split, make_synthetic
 from models import build_model
@@ -54,7 +54,7 @@ def test_pretrain_on_demand_then_flip_and_flame(tmp_path, dataset):
     pretrained = tmp_path / "pretrain" / "model_last.pt.tar.epoch_2"
     flip_run, flame_run = tmp_path / "flip", tmp_path / "flame"
     result = run_main("--params", shortened_yaml(tmp_path, dataset, pretrained), "--run-dir", flip_run,
-                      "--device", "cpu")
+                      "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-3000:]
     # the start model was made first, in the reference format, with its records beside it
     ckpt = torch.load(pretrained, weights_only=True)
@@ -74,7 +74,7 @@ def test_pretrain_on_demand_then_flip_and_flame(tmp_path, dataset):
     # a second run finds the start model and skips pretraining; FLAME rejects the attacker
     result = run_main("--params", shortened_yaml(tmp_path, dataset, pretrained, invert=False,
                                                  aggregation_methods="flame"),
-                      "--run-dir", flame_run, "--device", "cpu")
+                      "--run-dir", flame_run, "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training the clean start model" not in (flame_run / "log.txt").read_text()
     with open(flame_run / "clients.csv") as f:

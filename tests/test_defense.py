@@ -191,11 +191,11 @@ def test_flame_run_records_outlier_scores_and_detection(tmp_path, synthetic_yaml
     import csv
     import json
 
-    from conftest import run_main
+    from conftest import DEVICE, run_main
 
     run_dir = tmp_path / "run"
     result = run_main("--params", synthetic_yaml({"epochs": 2, "no_models": 6}), "--run-dir", run_dir,
-                      "--device", "cpu", "--set", "aggregation_methods=flame",
+                      "--device", DEVICE, "--set", "aggregation_methods=flame",
                       "--set", "flame_admission=outlier_score", "--set", "flame_outlier_max=0.6")
     assert result.returncode == 0, result.stderr[-2000:]
     with open(run_dir / "clients.csv") as f:

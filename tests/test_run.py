@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import train
-from conftest import run_main
+from conftest import DEVICE, run_main
 
 
 def read_metrics(run_dir, drop=("seconds",)):
@@ -17,7 +17,7 @@ def read_metrics(run_dir, drop=("seconds",)):
 
 def test_three_round_run_writes_all_outputs(tmp_path, synthetic_yaml):
     run_dir = tmp_path / "run"
-    result = run_main("--params", synthetic_yaml(), "--run-dir", run_dir, "--device", "cpu")
+    result = run_main("--params", synthetic_yaml(), "--run-dir", run_dir, "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("params.yaml", "log.txt", "metrics.csv", "clients.csv", "summary.json", "metrics.png",
                  "checkpoint_full.pt", "model_last.pt.tar.epoch_2", "model_last.pt.tar.epoch_3"):
@@ -48,7 +48,7 @@ def test_three_round_run_writes_all_outputs(tmp_path, synthetic_yaml):
 def test_same_seed_same_metrics_and_different_seed_differs(tmp_path, synthetic_yaml):
     path = synthetic_yaml({"epochs": 2})
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        result = run_main("--params", path, "--run-dir", tmp_path / name, "--device", "cpu", "--set", f"seed={seed}")
+        result = run_main("--params", path, "--run-dir", tmp_path / name, "--device", DEVICE, "--set", f"seed={seed}")
         assert result.returncode == 0, result.stderr[-2000:]
     assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
     assert read_metrics(tmp_path / "a") != read_metrics(tmp_path / "c")
@@ -57,7 +57,7 @@ def test_same_seed_same_metrics_and_different_seed_differs(tmp_path, synthetic_y
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkeypatch):
     path = synthetic_yaml({"epochs": 4})
     full = tmp_path / "full"
-    assert run_main("--params", path, "--run-dir", full, "--device", "cpu").returncode == 0
+    assert run_main("--params", path, "--run-dir", full, "--device", DEVICE).returncode == 0
 
     import config
 
@@ -73,10 +73,10 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkey
 
     monkeypatch.setattr(train.Federation, "run_round", dies_in_round_3)
     with pytest.raises(KeyboardInterrupt):
-        train.run(params, str(killed), "cpu")
+        train.run(params, str(killed), DEVICE)
     monkeypatch.undo()
     assert len(read_metrics(killed)) == 2
-    result = run_main("--resume", killed, "--device", "cpu")
+    result = run_main("--resume", killed, "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_metrics(killed) == read_metrics(full)
     with open(killed / "clients.csv") as a, open(full / "clients.csv") as b:
@@ -86,13 +86,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkey
 def test_resumed_model_checkpoint_sets_first_round(tmp_path, synthetic_yaml):
     first = tmp_path / "first"
     assert run_main("--params", synthetic_yaml({"epochs": 2, "is_poison": False}), "--run-dir", first,
-                    "--device", "cpu").returncode == 0
+                    "--device", DEVICE).returncode == 0
     ckpt = first / "model_last.pt.tar.epoch_2"
     second = tmp_path / "second"
     result = run_main("--params", synthetic_yaml({"epochs": 4, "resumed_model": True,
                                                   "resumed_model_name": str(ckpt), "0_poison_epochs": [3],
                                                   "1_poison_epochs": [4]}),
-                      "--run-dir", second, "--device", "cpu")
+                      "--run-dir", second, "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [int(r["round"]) for r in read_metrics(second)] == [3, 4]
 
@@ -106,7 +106,7 @@ def test_real_fashion_mnist_fedavg_learns(tmp_path):
     assert os.path.isdir(FMNIST) or os.path.isdir("data/FashionMNIST/raw"), \
         "Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
     run_dir = tmp_path / "fmnist"
-    result = run_main("--params", "utils/fashion_mnist.yaml", "--run-dir", run_dir, "--device", "cpu",
+    result = run_main("--params", "utils/fashion_mnist.yaml", "--run-dir", run_dir, "--device", DEVICE,
                       "--set", "resumed_model=false", "--set", "is_poison=false", "--set", "invert=false",
                       "--set", "epochs=5", "--set", "lr_para=1.0", "--set", "sampling_dirichlet=false",
                       "--set", "internal_epochs=2", "--set", "lr=0.05", "--set", f"data_dir={tmp_path / 'data'}")
@@ -124,7 +124,7 @@ def test_flame_rejects_single_shot_attacker_that_breaks_fedavg(tmp_path, synthet
                            "1_poison_pattern": None, "1_poison_epochs": None})
     runs = {}
     for method in ("mean", "flame"):
-        result = run_main("--params", path, "--run-dir", tmp_path / method, "--device", "cpu",
+        result = run_main("--params", path, "--run-dir", tmp_path / method, "--device", DEVICE,
                           "--set", f"aggregation_methods={method}")
         assert result.returncode == 0, result.stderr[-2000:]
         runs[method] = read_metrics(tmp_path / method)
