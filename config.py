@@ -29,7 +29,7 @@ MODELS = ["MnistNet", "MnistNetBN", "ResNet18"]
 AGGREGATION_METHODS = ["mean", "weighted_mean", "flame", "krum", "multi_krum", "bulyan", "median",
                        "trimmed_mean", "rfa", "foolsgold", "norm_clipping", "weak_dp", "fltrust"]
 ATTACK_MODES = ["single_shot", "continuous"]
-# Confidence threshold each attack mode implies when the YAML does not set one (REFERENCE.md §2).
+# Confidence threshold each attack mode implies when the YAML does not set one (docs/algorithms.md §2).
 MODE_THRESHOLD = {"single_shot": 0.0, "continuous": 0.4}
 
 # Keys of the reference's YAML files that this implementation does not use.
@@ -215,7 +215,7 @@ FLIP_FIELDS = {
     "init_mask_region": Field("int_list", [], lambda v: len(v) in (0, 4), "[] or [row0, row1, col0, col1]"),
     # Opt-in adaptive budget (off: every inversion runs the reference's step counts).
     "adaptive_budget": Field("bool", False),
-    # Its knobs' defaults are the ones the equivalence study measured (README "Performance").
+    # Its knobs' defaults are the ones the equivalence study measured (docs/performance.md).
     "adaptive_patience": Field("int", 30, lambda v: v >= 1, ">= 1"),
     "adaptive_min_gain": Field("float", 0.05, lambda v: 0 <= v < 1, "in [0, 1)"),
     "adaptive_give_up": Field("int", 200, lambda v: v >= 1, ">= 1", optional=True),
@@ -410,7 +410,10 @@ def parse_override(text):
 
 def load_raw(path):
     if not os.path.isfile(path):
-        raise ConfigError(f"--params: file '{path}' not found")
+        stem, ext = os.path.splitext(path)
+        other = stem + {".yml": ".yaml", ".yaml": ".yml"}.get(ext, ext)
+        hint = f"; did you mean '{other}'?" if other != path and os.path.isfile(other) else ""
+        raise ConfigError(f"--params: file '{path}' not found{hint}")
     with open(path) as f:
         try:
             return yaml.safe_load(f) or {}

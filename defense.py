@@ -138,7 +138,7 @@ def majority_height(clusterer, n):
 
 
 def flame(global_state, updates, n_samples, ctx):
-    """FLAME (Nguyen et al., 2022) as in REFERENCE.md §5: cluster the client models by cosine
+    """FLAME (Nguyen et al., 2022) as in docs/algorithms.md §5: cluster the client models by cosine
     distance over trainable parameters, clip admitted updates to the median norm, average, add
     Gaussian noise N(0, (λS)²) to the trainable parameters; buffers are the admitted average."""
     trainable = ctx.trainable

@@ -1,4 +1,4 @@
-"""One benign client's FLIP procedure for one round (REFERENCE.md §4), as plain sequential code.
+"""One benign client's FLIP procedure for one round (docs/algorithms.md §4), as plain sequential code.
 
 ``client_program`` is a generator: it *yields* requests (``Invert``: find the smallest trigger
 turning some samples into a label; ``Harden``: one Adam step of the client's model on a batch)

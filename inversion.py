@@ -1,4 +1,4 @@
-"""FLIP's trigger inversion kernel (REFERENCE.md §4): Neural-Cleanse style masks and patterns,
+"""FLIP's trigger inversion kernel (docs/algorithms.md §4): Neural-Cleanse style masks and patterns,
 tanh-reparameterised, with the adaptive cost, solved for many requests at once over stacked,
 frozen client models (``invert_batch``).
 

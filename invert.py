@@ -1,4 +1,4 @@
-"""FLIP on benign clients: the round's executor (REFERENCE.md §4), for any dataset.
+"""FLIP on benign clients: the round's executor (docs/algorithms.md §4), for any dataset.
 
 Each benign client runs ``flip_client.client_program``, which yields requests (``Invert``,
 ``Harden``) and receives their results. ``run_programs`` drives the programs of a round either one

@@ -280,10 +280,12 @@ def run(params, run_dir, device, resume=False):
         metrics.append([row])
         clients.append(client_rows)
         durations.append(row["seconds"])
-        logger.info("round %d: MA %.2f%% BA %.2f%% (raw MA %.2f%% BA %.2f%%, rejected %.3f) in %.1fs; "
-                    "%d round(s) left, about %.0f s",
+        logger.info("round %d: MA %.2f%% BA %.2f%% (raw MA %.2f%% BA %.2f%%; test inputs rejected by the "
+                    "threshold %.3f; clients rejected by the rule %d of %d) in %.1fs; %d round(s) left, about %.0f s",
                     round_no, row["main_acc"], row["backdoor_acc"], row["main_acc_raw"],
-                    row["backdoor_acc_raw"], row["rejected_frac"], row["seconds"],
+                    row["backdoor_acc_raw"], row["rejected_frac"],
+                    row["attackers_rejected"] + row["benign_rejected"],
+                    row["attackers_selected"] + row["benign_selected"], row["seconds"],
                     params["epochs"] - round_no, np.mean(durations) * (params["epochs"] - round_no))
         if params["save_model"] and (round_no in params["save_on_epochs"] or round_no == params["epochs"]):
             helper.save_reference_checkpoint(os.path.join(run_dir, f"model_last.pt.tar.epoch_{round_no}"),

@@ -7,7 +7,8 @@
 #   bash experiments/fmnist.sh single_shot flame   # one of them
 #   bash experiments/fmnist.sh "single_shot continuous" "$(echo $BASELINES)"   # see BASELINES below
 #   THREADS=1 bash experiments/fmnist.sh single_shot flip   # on one core (main.py --threads)
-# Results go to experiments/results/<attack>_<defense>/; experiments/report.py tabulates them.
+#   RESULTS=experiments/results/horizon LAST=300 bash experiments/fmnist.sh   # the authors' horizon
+# Results go to ${RESULTS:-experiments/results}/<attack>_<defense>/; experiments/report.py tabulates them.
 # A run folder with a checkpoint is resumed (a finished one only rewrites its summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ for attack in $attacks; do
       flags+=(--set attack_mode=continuous)
       for k in 0 1 2 3; do flags+=(--set "${k}_poison_epochs=null"); done
     fi
-    out="experiments/results/${attack}_${defense}"
+    out="${RESULTS:-experiments/results}/${attack}_${defense}"
     if [ -f "$out/checkpoint_full.pt" ]; then
       "$PY" main.py --resume "$out" --set "epochs=$LAST" "${threads[@]}"
     else

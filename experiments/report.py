@@ -50,16 +50,28 @@ def wall_seconds(run):
         return json.load(f).get("total_seconds")
 
 
+def code_of(run):
+    """Which commits ran the run's rounds (segments.csv, written since runs record it), e.g.
+    "0437675 201-210, 9a1b2c3* 211-218" (* uncommitted changes); "not recorded" for older runs."""
+    path = os.path.join(RESULTS, run, "segments.csv")
+    if not os.path.exists(path):
+        return "not recorded"
+    with open(path) as f:
+        segments = list(csv.DictReader(f))
+    return ", ".join(f"{s['commit'][:7]}{'*' if s['dirty'] == 'True' else ''} {s['first_round']}-{s['last_round']}"
+                     for s in segments)
+
+
 def table():
     lines = ["| attack | defense | rounds | MA | MA raw | BA | BA raw | peak BA | peak BA raw | "
-             "attackers rejected / selected | benign rejected | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "attackers rejected / selected | benign rejected | wall time | code |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack in ATTACKS:
         for defense, label in ALL_DEFENSES.items():
             rows = load(f"{attack}_{defense}")
             if not rows:
                 if defense in DEFENSES:
-                    lines.append(f"| {attack} | {label} | not run | | | | | | | | | |")
+                    lines.append(f"| {attack} | {label} | not run | | | | | | | | | | |")
                 continue
             last = rows[-1]
             rejected = sum(r["attackers_rejected"] for r in rows)
@@ -72,7 +84,7 @@ def table():
                 f"{last['main_acc']:.2f} | {last['main_acc_raw']:.2f} | {last['backdoor_acc']:.2f} | "
                 f"{last['backdoor_acc_raw']:.2f} | {max(r['backdoor_acc'] for r in rows):.2f} | "
                 f"{max(r['backdoor_acc_raw'] for r in rows):.2f} | {int(rejected)} / {int(selected)} | "
-                f"{int(benign)} | {wall} |")
+                f"{int(benign)} | {wall} | {code_of(f'{attack}_{defense}')} |")
     return "\n".join(lines)
 
 

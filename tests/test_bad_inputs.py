@@ -72,6 +72,7 @@ def test_every_update_rejected_leaves_the_global_model_unchanged(caplog):
     assert "global model is unchanged" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["mean", "flame"])
 def test_diverging_clients_do_not_stop_the_run(tmp_path, synthetic_yaml, rule):
     """lr=1e6 makes benign training diverge to NaN; the run finishes, those clients are marked
@@ -132,6 +133,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, synthetic_yaml):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_resume_checkpoint_points_to_the_previous_one(tmp_path, synthetic_yaml):
     run_dir = tmp_path / "run"
     assert run_main("--params", synthetic_yaml({"epochs": 2}), "--run-dir", run_dir, "--device", "cpu").returncode == 0

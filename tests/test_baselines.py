@@ -136,6 +136,7 @@ def test_buffers_are_averaged_over_the_admitted_clients_only():
     assert torch.allclose(med.state["bn.running_mean"], torch.full((3,), 22.0))  # all admitted: the mean
 
 
+@pytest.mark.slow
 def test_foolsgold_history_survives_the_resume_checkpoint(tmp_path, synthetic_yaml):
     run_dir = tmp_path / "run"
     result = run_main("--params", synthetic_yaml({"epochs": 2, "aggregation_methods": "foolsgold"}),
@@ -173,6 +174,7 @@ def start_model(tmp_path_factory):
     return cfg, folder / "mean"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES_THAT_STOP_A_SCALED_ATTACKER + ["mean", "bulyan", "foolsgold"])
 def test_each_rule_against_a_scaled_single_shot_attacker(tmp_path, start_model, rule):
     """From the same clean start, one round brings a x7 attacker among 7 clients (f = 1). Plain

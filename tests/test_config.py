@@ -113,3 +113,11 @@ def test_mnistnet_with_batchnorm_is_an_option_that_keeps_the_reference_names():
     assert plain == {f"{layer}.{p}" for layer in ("conv1", "conv2", "fc1", "fc2") for p in ("weight", "bias")}
     assert with_bn - plain == {f"bn{i}.{k}" for i in (1, 2) for k in
                                ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_a_missing_yml_suggests_the_yaml_beside_it(tmp_path):
+    (tmp_path / "exp.yaml").write_text("type: mnist\n")
+    with pytest.raises(config.ConfigError, match=r"'.*exp\.yml' not found; did you mean '.*exp\.yaml'\?"):
+        config.load_raw(str(tmp_path / "exp.yml"))
+    with pytest.raises(config.ConfigError, match=r"'.*other\.yml' not found$"):
+        config.load_raw(str(tmp_path / "other.yml"))

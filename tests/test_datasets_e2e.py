@@ -49,6 +49,7 @@ def metrics(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar", "mnist"])
 def test_pretrain_on_demand_then_flip_and_flame(tmp_path, dataset):
     pretrained = tmp_path / "pretrain" / "model_last.pt.tar.epoch_2"
@@ -91,6 +92,7 @@ def test_no_pretrain_keeps_the_error(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.slow
 def test_flip_on_resnet_inverts_in_eval_mode_and_hardens_in_train_mode():
     """BatchNorm: inversion must not touch the running statistics (eval mode on the stacked
     models); hardening updates them (train mode)."""

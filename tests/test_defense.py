@@ -215,3 +215,8 @@ def test_flame_run_records_outlier_scores_and_detection(tmp_path, synthetic_yaml
     assert summary["benign_selected"] == len(benign)
     assert summary["benign_rejected"] == sum(c["admitted"] == "0" for c in benign)
     assert summary["tpr"] == 1.0
+    log = (run_dir / "log.txt").read_text()
+    for round_no in (1, 2):
+        rejected = sum(c["admitted"] == "0" for c in clients if c["round"] == str(round_no))
+        assert f"clients rejected by the rule {rejected} of 6)" in log
+    assert sum(c["admitted"] == "0" for c in clients) >= 1

@@ -24,6 +24,7 @@ def test_without_cuda_the_check_stops_at_once_with_one_line(tmp_path):
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+@pytest.mark.slow
 def test_rehearsal_gives_every_number(tmp_path, monkeypatch):
     import gpu_check
 

@@ -244,6 +244,7 @@ def harden(model, data, params, states, seeds):
     return hardened.eval(), results
 
 
+@pytest.mark.slow
 def test_flip_hardening_removes_the_backdoor_and_keeps_accuracy(backdoored):
     """One FLIP round of 5 clients, their hardened models averaged (server step 1, so the
     hardening lr is lowered from the reference's 0.01, which runs under a server step of 0.1).
@@ -264,6 +265,7 @@ def test_flip_hardening_removes_the_backdoor_and_keeps_accuracy(backdoored):
     assert all(r[2]["inversions"] > 0 for r in results)
 
 
+@pytest.mark.slow
 def test_state_persists_and_second_selection_skips_warmup(backdoored, monkeypatch):
     model, bd = backdoored["model"], backdoored
     data = client_data(bd, 2)
@@ -327,6 +329,7 @@ def test_batched_inversion_equals_one_at_a_time(backdoored, float64):
         assert np.array_equal(alone.success, together[i].success)
 
 
+@pytest.mark.slow
 def test_flip_is_seeded_and_batched_matches_sequential(backdoored):
     model, bd = backdoored["model"], backdoored
     data = client_data(bd, 3)

@@ -98,6 +98,7 @@ def idx_labels(path):
         return np.frombuffer(f.read()[8:], dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_real_mnist_is_the_standard_set_and_fedavg_learns_it(tmp_path):
     """The standard MNIST (its label counts read straight from the idx files) and a few IID FedAvg
     rounds from scratch (two local epochs) reaching > 90 % main accuracy."""

@@ -45,6 +45,7 @@ def test_three_round_run_writes_all_outputs(tmp_path, synthetic_yaml):
     assert yaml.safe_load((run_dir / "params.yaml").read_text())["0_poison_epochs"] == [2]
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_different_seed_differs(tmp_path, synthetic_yaml):
     path = synthetic_yaml({"epochs": 2})
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
@@ -83,6 +84,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkey
         assert a.read() == b.read()
 
 
+@pytest.mark.slow
 def test_resumed_model_checkpoint_sets_first_round(tmp_path, synthetic_yaml):
     first = tmp_path / "first"
     assert run_main("--params", synthetic_yaml({"epochs": 2, "is_poison": False}), "--run-dir", first,
@@ -100,6 +102,7 @@ def test_resumed_model_checkpoint_sets_first_round(tmp_path, synthetic_yaml):
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_fedavg_learns(tmp_path):
     """A few FedAvg rounds from scratch on the real Fashion-MNIST (Debian's copy; .ci/run
     installs it). IID clients and plain averaging (lr_para 1) so that a few rounds suffice."""
@@ -116,6 +119,7 @@ def test_real_fashion_mnist_fedavg_learns(tmp_path):
     assert float(rows[-1]["backdoor_acc"]) < 30.0
 
 
+@pytest.mark.slow
 def test_flame_rejects_single_shot_attacker_that_breaks_fedavg(tmp_path, synthetic_yaml):
     """Synthetic data, 8 clients a round, one x100 attacker in round 2: FedAvg's BA jumps, FLAME
     rejects the attacker and BA stays low."""

@@ -48,6 +48,7 @@ def wait_for(condition, seconds=120):
 
 # --- one process per folder --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_folder_held_by_another_process_is_refused_and_left_unchanged(tmp_path, synthetic_yaml):
     run_dir = finished_run(tmp_path, synthetic_yaml)
     before = snapshot(run_dir)
@@ -70,6 +71,7 @@ def test_a_folder_held_by_another_process_is_refused_and_left_unchanged(tmp_path
     assert rounds_of(run_dir) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_folder_and_a_killed_holder_leaves_no_stale_lock(tmp_path, synthetic_yaml):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--params",
@@ -91,6 +93,7 @@ def test_two_runs_on_one_folder_and_a_killed_holder_leaves_no_stale_lock(tmp_pat
     assert rounds == list(range(1, max(done) + 2)) and len(set(rounds)) == len(rounds)
 
 
+@pytest.mark.slow
 def test_the_pretraining_folder_is_locked_too(tmp_path, synthetic_yaml):
     folder = tmp_path / "pretrain"
     folder.mkdir()
@@ -105,6 +108,7 @@ def test_the_pretraining_folder_is_locked_too(tmp_path, synthetic_yaml):
 
 # --- rounds to run -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_new_run_with_no_round_to_run_says_so_and_leaves_nothing(tmp_path, synthetic_yaml):
     start = finished_run(tmp_path, synthetic_yaml, {"is_poison": False}, "start") / "model_last.pt.tar.epoch_2"
     for epochs in (1, 2):
@@ -126,6 +130,7 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path, synthetic_yaml):
 
 # --- non-finite models -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_start_model_with_nan_weights_is_refused(tmp_path, synthetic_yaml):
     good = finished_run(tmp_path, synthetic_yaml, {"is_poison": False}, "start") / "model_last.pt.tar.epoch_2"
     ckpt = torch.load(good, weights_only=True)
@@ -139,6 +144,7 @@ def test_a_start_model_with_nan_weights_is_refused(tmp_path, synthetic_yaml):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_checkpoint_with_inf_weights_is_refused(tmp_path, synthetic_yaml):
     run_dir = finished_run(tmp_path, synthetic_yaml)
     path = run_dir / "checkpoint_full.pt"
@@ -154,6 +160,7 @@ def test_a_resume_checkpoint_with_inf_weights_is_refused(tmp_path, synthetic_yam
 
 # --- damaged resume checkpoints ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_both_resume_checkpoints_damaged_suggests_no_fallback(tmp_path, synthetic_yaml):
     run_dir = finished_run(tmp_path, synthetic_yaml)
     for name in ("checkpoint_full.pt", "checkpoint_full.prev.pt"):
@@ -187,6 +194,7 @@ def test_an_unwritable_folder_is_named(tmp_path, monkeypatch):
 CONTINUOUS = {"attack_mode": "continuous", "0_poison_epochs": None, "1_poison_epochs": None}
 
 
+@pytest.mark.slow
 def test_a_continuous_attack_extended_by_resume_poisons_as_in_one_go(tmp_path, synthetic_yaml):
     path = synthetic_yaml(CONTINUOUS)
     whole = tmp_path / "whole"
