@@ -19,7 +19,18 @@ logger = logging.getLogger("main")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Federated backdoor simulation: DBA attacks, FedAvg/FLAME, FLIP.")
+    p = argparse.ArgumentParser(
+        description="Federated backdoor simulation: DBA attacks, FedAvg/FLAME/robust rules, FLIP.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python main.py --params utils/fashion_mnist.yaml --set invert=false --set epochs=203 "
+               "--run-dir runs/quickstart\n"
+               "      three no-defense rounds with the first single-shot attack: about a minute on a CPU\n"
+               "  python main.py --params utils/fashion_mnist.yaml\n"
+               "      FLIP against single-shot DBA, rounds 201-300: minutes a round on a CPU\n"
+               "  python main.py --resume runs/quickstart --set epochs=205\n"
+               "      continue (or extend) a run from its last completed round\n"
+               "see README.md for every option and docs/algorithms.md for what runs")
     p.add_argument("--params", help="experiment YAML, e.g. utils/fashion_mnist.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (value parsed as YAML); repeatable")
