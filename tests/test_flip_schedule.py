@@ -3,6 +3,7 @@ client inverts on which batch, with how many steps at which cost, what the matri
 when a batch is not hardened. No model runs here; the stub answers each inversion request."""
 
 import numpy as np
+import pytest
 import torch
 
 import flip_client
@@ -172,3 +173,124 @@ def test_stamping_counts_follow_the_target_label():
     assert summary["flip_hardened"] == 14
     assert summary["flip_stamped_to_target"] == expected >= 4
     assert summary["flip_oversize_skips"] == 0
+
+
+# --- what the client asks for and what it hardens with ------------------------------------------
+
+def sized_result(request, sizes, success=True):
+    """A stub answer whose triggers have the given sizes, one per direction."""
+    t = request.n_triggers
+    sizes = np.asarray(sizes, dtype=float)[:t]
+    masks = torch.stack([torch.full((H, W), s / (H * W)) for s in sizes])
+    success = np.broadcast_to(np.asarray(success, dtype=bool), (t,)).copy()
+    patterns = torch.stack([torch.full((1, H, W), 0.55 + 0.1 * g) for g in range(t)])  # 0.55, 0.65
+    return inversion.InvertResult(masks, patterns, sizes, success, success.astype(float),
+                                  request.steps, np.full(t, request.steps))
+
+
+def test_only_the_larger_trigger_of_a_pair_decides_the_size_cap():
+    """One direction small, the other over the cap: the batch is not hardened (a check on the
+    smaller trigger would harden it)."""
+    state = returning_state()
+    log, stats = drive(make_context(range(10), state),
+                       lambda k, r: sized_result(r, [SMALL, OVERSIZE] if k == 2 else [SMALL, SMALL]))
+    inv = inversions(log)
+    assert inv[2][2] and not inv[2][5] and inv[1][5] and inv[3][5]
+    assert stats.oversize_skips == 1
+
+
+def test_each_inversion_starts_from_the_stored_triggers_of_its_pair():
+    state = returning_state()
+    stored = {(9, 8): (torch.full((H, W), 0.11), torch.full((1, H, W), 0.21)),
+              (8, 9): (torch.full((H, W), 0.12), torch.full((1, H, W), 0.22))}
+    state["triggers"].update(stored)
+    log, _ = drive(make_context(range(10), state), lambda k, r: stub_result(r, SMALL, True))
+    first = next(r for r in log if isinstance(r, inversion.Invert))
+    assert inversions(log)[0][:3] == (9, 8, True)
+    assert [float(v.flatten()[0]) for pair in first.init for v in pair] == pytest.approx([0.11, 0.21, 0.12, 0.22])
+    # from batch 10 a pair lasts two batches: its second inversion starts from the triggers its
+    # first one stored (the stub's: mask SMALL / (H·W), pattern 0.5)
+    requests = [r for r in log if isinstance(r, inversion.Invert)]
+    assert inversions(log)[10][:2] == inversions(log)[11][:2]
+    assert [float(v.flatten()[0]) for pair in requests[11].init for v in pair] == pytest.approx(
+        [SMALL / (H * W), 0.5, SMALL / (H * W), 0.5])
+
+
+def test_hardening_stamps_a_portion_of_each_directions_samples_and_keeps_their_labels():
+    """After a successful combo (s, t) each direction stamps ⌊portion · min(n_s, n_t)⌋ samples of
+    its source class with its own trigger (s→t's on class s); no other sample changes, and every
+    label stays the true one. (The stub's patterns, 0.55 for s→t and 0.65 for t→s, differ from
+    every class's pixel value, so every stamped sample changes.)"""
+    state = returning_state()
+    log, _ = drive(make_context(range(10), state), lambda k, r: sized_result(r, [SMALL, SMALL]))
+    checked = 0
+    for i, r in enumerate(log[:-1]):
+        nxt = log[i + 1]
+        if not (isinstance(r, inversion.Invert) and isinstance(nxt, flip_client.Harden)):
+            continue
+        source = int(round(float(r.x[r.group == 0].mean()) * 10))
+        target = int(r.labels[r.group == 0][0])
+        clean = (nxt.y.float() / 10).view(-1, 1, 1, 1)
+        stamped = (nxt.x - clean).abs().flatten(1).max(1).values > 1e-6
+        counts = {c: int((nxt.y == c).sum()) for c in (source, target)}
+        length = int(min(counts.values()) * FP["portion"])
+        assert {c: int((stamped & (nxt.y == c)).sum()) for c in (source, target)} == {source: length, target: length}
+        assert int(stamped.sum()) == 2 * length
+        m = SMALL / (H * W)
+        for c, pattern in ((source, 0.55), (target, 0.65)):
+            values = nxt.x[stamped & (nxt.y == c)].flatten()
+            assert values.tolist() == pytest.approx([(1 - m) * c / 10 + m * pattern] * len(values))
+        checked += 1
+    assert checked >= 10
+
+
+def test_exploration_picks_a_random_pair_at_its_rate():
+    """explore_prob 0.3: over 3000 choices the greedy pair comes back 70 % of the time plus the
+    random choices that happen to hit it (1 in 90 of them)."""
+    state = returning_state()
+    fp = {**FP, "explore_prob": 0.3}
+    ctx = make_context(range(10), state)
+    ctx = flip_client.ClientContext(ctx.x, ctx.y, ctx.y_host, 10, fp, state, np.random.default_rng(3),
+                                    torch.Generator().manual_seed(3))
+    greedy = flip_client.choose_pair(make_context(range(10), state), list(range(10)), None)
+    picks = [flip_client.choose_pair(ctx, list(range(10)), None) for _ in range(3000)]
+    explored = sum(p != greedy for p in picks) / len(picks)
+    assert explored == pytest.approx(0.3 * 89 / 90, abs=0.03)
+
+
+def test_every_inversion_kind_gets_its_own_budget():
+    """Distinct step counts per kind, so that no two can be swapped unnoticed: a pair's first batch,
+    a combo after a success (refine) or a failure (retry), one direction after a success or a
+    failure."""
+    fp = {**FP, "pair_steps": 401, "refine_steps": 101, "refine_cost": 0.02, "retry_steps": 301,
+          "single_refine_steps": 201, "single_refine_cost": 0.03, "single_retry_steps": 251, "init_cost": 0.004}
+    assert flip_client.inversion_budget(fp, combo=True, later=False, failed=False) == (401, 0.004, "pair")
+    assert flip_client.inversion_budget(fp, combo=False, later=False, failed=True) == (401, 0.004, "pair")
+    assert flip_client.inversion_budget(fp, combo=True, later=True, failed=False) == (101, 0.02, "refine")
+    assert flip_client.inversion_budget(fp, combo=True, later=True, failed=True) == (301, 0.004, "retry")
+    assert flip_client.inversion_budget(fp, combo=False, later=True, failed=False) == (201, 0.03, "single_refine")
+    assert flip_client.inversion_budget(fp, combo=False, later=True, failed=True) == (251, 0.004, "single_retry")
+
+
+def test_each_datasets_yaml_holds_the_authors_flip_constants():
+    """The constants of the authors' invert_MNIST.py, invert_FashionMNIST.py and invert_CIFAR.py
+    (docs/algorithms.md §4), read from our YAML files."""
+    import config
+
+    expected = {
+        "mnist": dict(local_passes=10, batch_size=64, portion=0.5, harden_lr=0.01, size_min=1, warmup_steps=400,
+                      pair_steps=200, refine_steps=50, retry_steps=200, success_threshold=0.9,
+                      max_trigger_frac=0.125),
+        "fashion_mnist": dict(local_passes=5, batch_size=128, portion=0.6, harden_lr=0.01, size_min=1,
+                              warmup_steps=600, pair_steps=400, refine_steps=100, retry_steps=400,
+                              single_refine_steps=400, single_retry_steps=400, success_threshold=0.9,
+                              max_trigger_frac=0.125),
+        "cifar": dict(local_passes=8, batch_size=128, portion=0.9, harden_lr=0.001, size_min=5, warmup_steps=600,
+                      pair_steps=200, refine_steps=50, retry_steps=200, single_refine_steps=50,
+                      single_refine_cost=0.01, single_retry_steps=100, success_threshold=0.85,
+                      max_trigger_frac=0.75),
+    }
+    for name, values in expected.items():
+        fp = config.load_config(f"utils/{name}.yaml", ["resumed_model=false"])["flip"]
+        assert {k: fp[k] for k in values} == values, name
+        assert (fp["init_cost"], fp["refine_cost"], fp["cost_patience"], fp["cost_up"]) == (1e-3, 1e-2, 10, 1.5)
