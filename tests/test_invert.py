@@ -330,8 +330,12 @@ def test_batched_inversion_equals_one_at_a_time(backdoored, float64):
 
 
 @pytest.mark.slow
-def test_flip_is_seeded_and_batched_matches_sequential(backdoored):
-    model, bd = backdoored["model"], backdoored
+def test_flip_is_seeded_and_batched_matches_sequential(backdoored, float64):
+    """Three clients' whole FLIP round, one client after the other (twice) and batched: the same
+    bits twice in a row, and batched equal to sequential up to float rounding (in float64, where
+    rounding cannot flip a success decision)."""
+    model, bd = copy.deepcopy(backdoored["model"]).double(), dict(backdoored)
+    bd["client_x"], bd["test_x"] = bd["client_x"].double(), bd["test_x"].double()
     data = client_data(bd, 3)
     params = flip_params(max_batch_steps=12, harden_lr=0.003)
     runs = {}
@@ -342,10 +346,11 @@ def test_flip_is_seeded_and_batched_matches_sequential(backdoored):
     for a, b in zip(runs["seq"][0], runs["seq2"][0]):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert runs["seq"][1] == runs["seq2"][1]
-    # Same schedule (inversion counts) and, over whole rounds, the same outcome.
-    assert [s["inversions"] for s in runs["seq"][1]] == [s["inversions"] for s in runs["batched"][1]]
+    for a, b in zip(runs["seq"][0], runs["batched"][0]):
+        assert all(torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-8) for k in a)
     for a, b in zip(runs["seq"][1], runs["batched"][1]):
-        assert b["mask_l1"] == pytest.approx(a["mask_l1"], rel=0.25)
-        assert b["success"] == pytest.approx(a["success"], abs=0.05)
-    (ma_s, ba_s), (ma_b, ba_b) = runs["seq"][2], runs["batched"][2]
-    assert abs(ma_s - ma_b) < 2.0 and abs(ba_s - ba_b) < 15.0
+        assert a.keys() == b.keys()
+        for key in a:  # counts and the profile exactly, mask sizes and accuracies up to rounding
+            expected = a[key] if isinstance(a[key], dict) else pytest.approx(a[key], rel=1e-6, abs=1e-9)
+            assert b[key] == expected, key
+    assert runs["batched"][2] == pytest.approx(runs["seq"][2], abs=1e-9)
