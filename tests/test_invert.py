@@ -113,8 +113,8 @@ def test_adaptive_budget_stops_early_with_a_trigger_as_small_as_the_full_budgets
     assert full.steps_run == 600 and full.success[0] and adaptive.success[0]
     assert adaptive.steps_run < 400, adaptive.steps_run
     assert float(adaptive.sizes[0]) <= 1.25 * float(full.sizes[0]) + 1.0, (adaptive.sizes, full.sizes)
-    # the full budget's best trigger stopped improving well before its last step
-    assert 0 < int(full.last_improved[0]) <= 600
+    # the full budget still improves after the adaptive stop, but by little (the bound above)
+    assert adaptive.steps_run < int(full.last_improved[0]) <= 600
     # no success by the give-up step: stopped there, reported as failed
     hopeless = universal_trigger(model, x, TARGET, steps=600, adaptive_budget=True, adaptive_give_up=20,
                                  success_threshold=1.0, init_cost=10.0)

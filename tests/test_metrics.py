@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -46,3 +47,29 @@ def test_ma_and_ba_with_and_without_threshold():
     m = evaluate(PixelRule(), _data(), params, triggers)
     assert m["main_acc_raw"] == 60.0 and m["main_acc"] == 0.0 and m["rejected_frac"] == 1.0
     assert m["backdoor_acc"] == 100.0 and m["backdoor_rejected_frac"] == 0.0
+
+
+def test_the_run_plot_draws_ma_and_ba_per_round(tmp_path):
+    """metrics.png: a 7×4 in figure at 120 dpi whose pixels include the MA line (matplotlib's first
+    colour, #1f77b4) and the BA line (the second, #ff7f0e); no metrics, no plot."""
+    import matplotlib.image
+
+    import helper
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("round,main_acc,backdoor_acc,main_acc_raw,backdoor_acc_raw\n"
+                    "1,80,5,80,5\n2,60,50,61,52\n3,70,90,72,91\n")
+    out = tmp_path / "metrics.png"
+    helper.plot_metrics(str(path), str(out), "title")
+    image = matplotlib.image.imread(str(out))[..., :3]
+    assert image.shape[:2] == (480, 840)
+
+    def pixels_of(hex_colour):
+        rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        return int((np.abs(image - rgb).max(axis=-1) < 0.05).sum())
+
+    assert pixels_of("#1f77b4") > 200 and pixels_of("#ff7f0e") > 200
+    empty = tmp_path / "empty.csv"
+    empty.write_text("round,main_acc,backdoor_acc,main_acc_raw,backdoor_acc_raw\n")
+    helper.plot_metrics(str(empty), str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
