@@ -65,7 +65,9 @@ def test_pretrain_on_demand_then_flip_and_flame(tmp_path, dataset):
     assert [int(r["round"]) for r in metrics(pretrained.parent)] == [1, 2]
     assert (pretrained.parent / "metrics.png").exists() and (pretrained.parent / "log.txt").exists()
     assert "does not exist: training the clean start model" in (flip_run / "log.txt").read_text()
-    # round 3: the x100 attacker against FLIP's clients (FedAvg)
+    # round 3: the x30 attacker's update reaches the FedAvg aggregate at these shapes (BA rises
+    # well above the clean model's) while FLIP's clients run; whether FLIP removes a backdoor is
+    # tested on a planted one in test_invert.py, not in one round at this budget
     rows = metrics(flip_run)
     assert [int(r["round"]) for r in rows] == [3]
     assert int(rows[0]["flip_inversions"]) >= 2 * 10  # both benign clients warmed up on 10 targets
