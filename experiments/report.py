@@ -5,6 +5,7 @@
     python experiments/report.py --flame-admission  # FLAME's admission rules (flame_admission.sh)
     python experiments/report.py --flame-batchnorm  # FLAME on a BatchNorm model (flame_batchnorm.sh)
     python experiments/report.py --flip-rounds=single_shot   # FLIP vs no defense, round by round
+    python experiments/report.py --sweep experiments/grids/fmnist_defenses.yaml   # a sweep's tables
 """
 
 import csv
@@ -227,7 +228,20 @@ def flip_rounds_table(attack):
     return "\n".join(lines)
 
 
+def sweep_report(grid_path):
+    """A sweep's mean ± std table (experiments/sweep.py), from its cells' records."""
+    sys.path.insert(0, HERE)
+    import sweep
+
+    grid = sweep.load_grid(grid_path)
+    rows = sweep.gather(grid)
+    return sweep.report(grid, rows) if rows else f"no results yet in {grid['out']}"
+
+
 def main():
+    if "--sweep" in sys.argv[1:]:
+        print(sweep_report(sys.argv[sys.argv.index("--sweep") + 1]))
+        return
     for attack in ATTACKS:
         if f"--flip-rounds={attack}" in sys.argv[1:]:
             print(flip_rounds_table(attack))
