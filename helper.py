@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -154,10 +155,23 @@ def previous_checkpoint(path):
 
 
 def save_full_checkpoint(obj, path):
-    """Write the resume checkpoint atomically, keeping the one it replaces as ``*.prev.pt``."""
+    """Write the resume checkpoint atomically, keeping the one it replaces as ``*.prev.pt``.
+    ``path`` holds a whole checkpoint at every moment: the new one is written aside first and the
+    old one is linked (or copied) to ``*.prev.pt``, so a process killed at any point leaves a
+    checkpoint to resume from."""
+    tmp = path + ".tmp"
+    torch.save(to_plain(obj), tmp)
     if os.path.exists(path):
-        os.replace(path, previous_checkpoint(path))
-    save_atomic(to_plain(obj), path)
+        prev = previous_checkpoint(path)
+        staged = prev + ".tmp"
+        if os.path.exists(staged):
+            os.remove(staged)
+        try:
+            os.link(path, staged)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(path, staged)
+        os.replace(staged, prev)
+    os.replace(tmp, path)
 
 
 def load_full_checkpoint(path):

@@ -24,8 +24,8 @@ A grid file (YAML):
 
 Each cell is an ordinary `main.py` run in `<out>/cells/<cell>/`. Running the same command again
 continues the sweep: finished cells are skipped, a cell with a resume checkpoint continues from
-it, a failed cell is reported with its error and does not stop the others. Ctrl-C stops every
-cell (each keeps its last checkpoint). `<out>/sweep.log` has the progress; `results.csv` (a row
+it, a failed cell is reported with its error and does not stop the others. Ctrl-C (or SIGTERM)
+stops every cell (each keeps its last checkpoint). `<out>/sweep.log` has the progress; `results.csv` (a row
 per cell and round) and `report.md` (mean ± std over seeds) are written at the end.
 """
 
@@ -142,6 +142,8 @@ def run_cell(command, run_dir):
     start = time.time()
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".out", "a") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
         code = subprocess.call(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     error = ""
     if code != 0:
@@ -179,16 +181,24 @@ def run_sweep(grid, address=None):
     cells = plan(grid)
     todo = [(n, c, d) for n, c, d, finished in cells if not finished]
     logger.info("%d cells, %d finished already, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    outcome = {}
+    for name, cell, run_dir in list(todo):
+        if rounds_done(run_dir) and not os.path.isfile(os.path.join(run_dir, "checkpoint_full.pt")):
+            outcome[name] = (2, f"{run_dir} holds {rounds_done(run_dir)} round(s) but no resume checkpoint: "
+                                "move the folder away to run the cell again", 0.0)
+            logger.error("cell %s not run: %s", name, outcome[name][1])
+            todo.remove((name, cell, run_dir))
     if not todo:
-        return {}
+        return outcome
     res = grid["resources"]
     cpus, gpus = int(res.get("cpus", 1)), float(res.get("gpus", 0))
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
              **({} if address else {"num_cpus": os.cpu_count()}))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # ray.init installed its own
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     refs = {task.remote(cell_command(grid, c, d, cpus), os.path.abspath(d)): n for n, c, d in todo}
-    outcome, durations, last_report = {}, [], 0.0
+    durations, last_report = [], 0.0
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=10)
@@ -334,7 +344,15 @@ def finish(grid):
     logger.info("wrote %s and ba_rounds.png:\n%s", os.path.join(grid["out"], "report.md"), text)
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    # Ctrl-C, and SIGTERM as a job scheduler sends it, stop the cells (also when started in the
+    # background, where SIGINT is ignored by default)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid", help="the grid file (YAML)")

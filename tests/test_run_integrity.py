@@ -228,3 +228,27 @@ def read_rows(folder):
 
 def strip_seconds(folder):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in read_rows(folder)]
+
+
+def test_a_run_killed_while_saving_its_checkpoint_still_has_one(tmp_path, monkeypatch):
+    """The newest resume checkpoint is written aside and swapped in: a kill during the write
+    leaves the previous round's checkpoint at checkpoint_full.pt, never no checkpoint."""
+    import helper
+
+    path = str(tmp_path / "checkpoint_full.pt")
+    helper.save_full_checkpoint({"round": 1}, path)
+    helper.save_full_checkpoint({"round": 2}, path)
+    assert helper.load_full_checkpoint(path)["round"] == 2
+    assert helper.load_full_checkpoint(helper.previous_checkpoint(path))["round"] == 1
+
+    def killed(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpo")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        helper.save_full_checkpoint({"round": 3}, path)
+    monkeypatch.undo()
+    assert helper.load_full_checkpoint(path)["round"] == 2
+    assert helper.load_full_checkpoint(helper.previous_checkpoint(path))["round"] == 1

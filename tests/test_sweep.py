@@ -100,3 +100,14 @@ def test_cells_and_overrides_from_a_grid(tmp_path):
     bad.write_text(yaml.safe_dump({"params": "x.yaml", "out": "o", "axes": {"seed": []}}))
     with pytest.raises(sweep.GridError, match="axis 'seed' must be a non-empty list"):
         sweep.load_grid(str(bad))
+
+
+def test_a_cell_with_rounds_but_no_checkpoint_is_reported_not_restarted(tmp_path):
+    grid = {"params": "utils/fashion_mnist.yaml", "out": str(tmp_path), "fixed": {"epochs": 203},
+            "axes": {"seed": [1]}, "cells": [], "when": {}, "resources": {}}
+    folder = tmp_path / "cells" / "seed-1"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("round,main_acc\n201,80\n")
+    outcome = sweep.run_sweep(grid)
+    assert outcome["seed-1"][0] == 2 and "holds 1 round(s) but no resume checkpoint" in outcome["seed-1"][1]
+    assert (folder / "metrics.csv").read_text() == "round,main_acc\n201,80\n"
