@@ -184,7 +184,7 @@ def run_sweep(grid, address=None):
     outcome = {}
     for name, cell, run_dir in list(todo):
         if rounds_done(run_dir) and not os.path.isfile(os.path.join(run_dir, "checkpoint_full.pt")):
-            outcome[name] = (2, f"{run_dir} holds {rounds_done(run_dir)} round(s) but no resume checkpoint: "
+            outcome[name] = (2, f"{run_dir} has rounds up to {rounds_done(run_dir)} but no resume checkpoint: "
                                 "move the folder away to run the cell again", 0.0)
             logger.error("cell %s not run: %s", name, outcome[name][1])
             todo.remove((name, cell, run_dir))

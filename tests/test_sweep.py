@@ -109,5 +109,5 @@ def test_a_cell_with_rounds_but_no_checkpoint_is_reported_not_restarted(tmp_path
     folder.mkdir(parents=True)
     (folder / "metrics.csv").write_text("round,main_acc\n201,80\n")
     outcome = sweep.run_sweep(grid)
-    assert outcome["seed-1"][0] == 2 and "holds 1 round(s) but no resume checkpoint" in outcome["seed-1"][1]
+    assert outcome["seed-1"][0] == 2 and "has rounds up to 201 but no resume checkpoint" in outcome["seed-1"][1]
     assert (folder / "metrics.csv").read_text() == "round,main_acc\n201,80\n"
