@@ -111,7 +111,7 @@ def load_reference_checkpoint(path, model, what="resumed_model_name"):
                               "check `model` and `type` in the YAML")
     require_finite(state, path, what)
     model.load_state_dict(state)
-    return int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
+    return checkpoint_epoch(ckpt)
 
 
 def require_finite(state, path, what):
@@ -124,7 +124,11 @@ def require_finite(state, path, what):
 
 def reference_checkpoint_round(path, what="resumed_model_name"):
     """The round (epoch) a reference-format checkpoint was saved after."""
-    ckpt = _read_checkpoint(path, what)
+    return checkpoint_epoch(_read_checkpoint(path, what))
+
+
+def checkpoint_epoch(ckpt):
+    """The `epoch` of a loaded reference-format checkpoint (0 for a bare state_dict)."""
     return int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
 
 
@@ -196,12 +200,6 @@ def previous_checkpoint_hint(path):
     except CheckpointError:
         return f"; the previous round's '{prev}' does not read either: start the run again"
     return f"; the previous round's is '{prev}': move it to '{path}' to resume from there"
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class CsvLog:
