@@ -204,7 +204,8 @@ def previous_checkpoint_hint(path):
 
 class CsvLog:
     """An append-only CSV with a fixed header. On resume, rows after ``keep_rounds`` are dropped
-    so that the file continues exactly where the checkpoint left off."""
+    so that the file continues exactly where the checkpoint left off; the file keeps its header,
+    with any new column added at the end."""
 
     def __init__(self, path, columns, keep_rounds=None):
         self.path, self.columns = path, columns
@@ -213,9 +214,12 @@ class CsvLog:
                 csv.writer(f).writerow(columns)
             return
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["round"]) <= keep_rounds]
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(r["round"]) <= keep_rounds]
+            header = list(reader.fieldnames or [])
+        self.columns = header + [c for c in columns if c not in header]
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
+            writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -256,15 +260,24 @@ def plot_metrics(metrics_path, out_path, title=""):
     plt.close(fig)
 
 
-def detection_totals(rows):
-    """The run's detection counts summed over rounds, with TPR and FPR (None without attackers,
-    or without benign clients)."""
+def detection_rates(counts, digits=4):
+    """TPR = attackers rejected / attackers selected and FPR = benign clients rejected / benign
+    clients selected, rounded to ``digits`` decimals (None: not rounded); None where nothing was
+    selected. The one place the rates are computed: for a round (train.py), a run (summary.json)
+    and a sweep's report."""
+    def rate(rejected, selected):
+        if not counts[selected]:
+            return None
+        value = counts[rejected] / counts[selected]
+        return value if digits is None else round(value, digits)
+    return {"tpr": rate("attackers_rejected", "attackers_selected"), "fpr": rate("benign_rejected", "benign_selected")}
+
+
+def detection_totals(rows, digits=4):
+    """The run's detection counts summed over rounds, with TPR and FPR."""
     totals = {k: sum(int(r.get(k) or 0) for r in rows)
               for k in ("attackers_selected", "attackers_rejected", "benign_selected", "benign_rejected")}
-    a, b = totals["attackers_selected"], totals["benign_selected"]
-    totals["tpr"] = round(totals["attackers_rejected"] / a, 4) if a else None
-    totals["fpr"] = round(totals["benign_rejected"] / b, 4) if b else None
-    return totals
+    return {**totals, **detection_rates(totals, digits)}
 
 
 def write_summary(run_dir, metrics_path, extra):

@@ -14,11 +14,16 @@ import numpy as np
 import torch
 
 import offline_data
-from config import image_shape
 from offline_data import DEBIAN_FASHION_MNIST
 
 logger = logging.getLogger(__name__)
 
+# Image shape (channels, height, width) and class count of the datasets we know by name.
+DATASET_SHAPES = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "cifar": ((3, 32, 32), 10),
+}
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar": "CIFAR10"}
 IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # idx type code -> bytes
 
@@ -193,13 +198,22 @@ def iid_split(n_samples, n_clients, rng):
     return [np.sort(part) for part in np.array_split(rng.permutation(n_samples), n_clients)]
 
 
-def load_federated_data(params, device):
+def image_shape(params):
+    """(channels, height, width) and class count of the configured dataset."""
+    if params["type"] == "synthetic":
+        return tuple(params["synthetic_shape"]), params["synthetic_classes"]
+    return DATASET_SHAPES[params["type"]]
+
+
+def load_federated_data(params, device, root_set_size=0):
+    """The dataset on ``device``, split among the clients (Dirichlet or IID, seeded by `seed`);
+    ``root_set_size`` training images are first held out as the server's root set."""
     train_x, train_y, test_x, test_y = load_arrays(params)
     rng = np.random.default_rng(params["seed"])
     n = params["number_of_total_participants"]
     pool, root = np.arange(len(train_y)), None
-    if params["aggregation_methods"] == "fltrust":
-        root = np.sort(rng.choice(len(train_y), params["fltrust_root_size"], replace=False))
+    if root_set_size:
+        root = np.sort(rng.choice(len(train_y), root_set_size, replace=False))
         pool = np.setdiff1d(pool, root)
     if params["sampling_dirichlet"]:
         splits = dirichlet_split(train_y.numpy()[pool], n, params["dirichlet_alpha"], rng)
@@ -254,9 +268,3 @@ def poison_batch(x, y, mask, n_poison, target):
     x[:n_poison] = stamp(x[:n_poison], mask)
     y[:n_poison] = target
     return x, y
-
-
-def attacker_trigger_index(params, attacker_slot):
-    """Which trigger attacker ``attacker_slot`` stamps: its own local bar, or the global trigger
-    when there is a single attacker (as in the reference)."""
-    return -1 if len(params["adversary_list"]) == 1 else attacker_slot

@@ -1,9 +1,7 @@
-"""Local training of one client: benign SGD, DBA poisoned training, model replacement."""
+"""Local training of one client: plain SGD passes over its data, and the update it sends."""
 
 import torch
 import torch.nn.functional as F
-
-from image_helper import poison_batch
 
 
 def shuffled_batches(n, batch_size, generator, device):
@@ -34,33 +32,6 @@ def sgd_passes(model, data, rows, params, generator):
     return len(rows)
 
 
-def poison_train(model, data, client_id, trigger, params, generator):
-    """DBA attacker training: in every batch the first `poisoning_per_batch` samples carry the
-    attacker's trigger (boolean H x W mask) and the target label; returns the sample count."""
-    n = len(data.client_indices[client_id])
-    epochs = params["internal_poison_epochs"]
-    optimizer = sgd(model, params["poison_lr"], params)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[0.2 * epochs, 0.8 * epochs], gamma=0.1)
-    model.train()
-    for _ in range(epochs):
-        for idx in shuffled_batches(n, params["batch_size"], generator, data.train_x.device):
-            x, y = data.client_batch(client_id, idx)
-            x, y = poison_batch(x, y, trigger, params["poisoning_per_batch"], params["poison_label_swap"])
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        if params["poison_step_lr"]:
-            scheduler.step()
-    return n
-
-
 def state_difference(local_state, global_state):
     """Update of a client: local minus global, for every state_dict entry."""
     return {k: local_state[k] - global_state[k] for k in global_state}
-
-
-def scale_update(update, factor):
-    """Model replacement: w = G + factor·(w − G) is the update times ``factor``. Integer buffers
-    (BatchNorm's num_batches_tracked) are not scaled."""
-    return {k: v * factor if v.is_floating_point() else v for k, v in update.items()}

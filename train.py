@@ -10,22 +10,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import attacks
 import defense
+import defenses
 import helper
 import image_train
 import run_folder
 import test
-from config import attacker_rounds, pretrain_rounds
-from image_helper import (DataError, attacker_trigger_index, load_federated_data, trigger_mask, trigger_name,
-                          trigger_pixels)
+from config import pretrain_rounds
+from image_helper import DataError, load_federated_data, trigger_mask, trigger_name, trigger_pixels
 from models import build_model
 
 logger = logging.getLogger(__name__)
 
-CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted",
-                  "outlier_score", "majority_ratio"]
-FLIP_COLUMNS = ["flip_inversions", "flip_mask_l1", "flip_success", "flip_hardened", "flip_stamped_to_target",
-                "flip_oversize_skips"]
+CLIENT_COLUMNS = ["round", "client_id", "is_attacker", "n_samples", "update_norm", "admitted"]
 
 
 def local_trigger_count(params):
@@ -39,9 +37,21 @@ def metric_columns(params):
     for k in range(local_trigger_count(params)):
         cols += [f"ba_trigger_{k}", f"ba_trigger_{k}_raw"]
     cols += ["attackers_selected", "attackers_rejected", "benign_selected", "benign_rejected", "tpr", "fpr"]
-    if params["invert"]:
-        cols += FLIP_COLUMNS
-    return cols + ["seconds"]
+    client_defense = defenses.active_client_defense(params)
+    if client_defense:
+        cols += client_defense.metric_columns
+    return cols + list(defenses.SERVER_RULES[params["aggregation_methods"]].metric_columns) + ["seconds"]
+
+
+def client_columns(params):
+    return CLIENT_COLUMNS + list(defenses.SERVER_RULES[params["aggregation_methods"]].client_columns)
+
+
+def record_value(value):
+    """A rule's number as the CSV records it: rounded to 6 decimals; empty when missing or NaN."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return round(float(value), 6) if isinstance(value, float) else value
 
 
 def choose_participants(params, round_no, schedule):
@@ -62,20 +72,15 @@ def describe_rounds(rounds):
     return f"rounds {rounds}" if rounds else "no round"
 
 
-def rate(numerator, denominator):
-    """A fraction rounded for the records; empty when there is nothing to divide by."""
-    return round(numerator / denominator, 4) if denominator else ""
-
-
 def detection_counts(poisoned, admitted):
     """How well the server's admission separated this round's poisoned updates from the benign
-    ones: TPR = attackers rejected / attackers, FPR = benign rejected / benign clients."""
-    attackers = sum(poisoned)
-    caught = sum(p and not a for p, a in zip(poisoned, admitted))
-    false_alarms = sum(not p and not a for p, a in zip(poisoned, admitted))
-    benign = len(poisoned) - attackers
-    return {"attackers_selected": attackers, "attackers_rejected": caught, "benign_selected": benign,
-            "benign_rejected": false_alarms, "tpr": rate(caught, attackers), "fpr": rate(false_alarms, benign)}
+    ones (rates as helper.detection_rates; empty when there is nothing to divide by)."""
+    counts = {"attackers_selected": sum(poisoned),
+              "attackers_rejected": sum(p and not a for p, a in zip(poisoned, admitted)),
+              "benign_selected": len(poisoned) - sum(poisoned),
+              "benign_rejected": sum(not p and not a for p, a in zip(poisoned, admitted))}
+    rates = helper.detection_rates(counts)
+    return {**counts, **{k: "" if v is None else v for k, v in rates.items()}}
 
 
 class Federation:
@@ -83,8 +88,11 @@ class Federation:
 
     def __init__(self, params, run_dir, device):
         self.params, self.run_dir, self.device = params, run_dir, device
+        self.rule = defenses.SERVER_RULES[params["aggregation_methods"]]
+        self.attack = attacks.ATTACKS[params["attack"]]
+        self.client_defense = defenses.active_client_defense(params)
         torch.manual_seed(params["seed"])
-        self.data = load_federated_data(params, device)
+        self.data = load_federated_data(params, device, self.rule.root_set_size(params))
         self.model = build_model(params["model"], self.data.image_shape, self.data.num_classes).to(device)
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.first_round = 1
@@ -96,13 +104,13 @@ class Federation:
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.client_states = {}
         self.server_state = {}
-        self.flip_profile = {}  # the last FLIP round's inversions by kind (invert.profile_round)
+        self.last_defense_stats = []  # the client defense's per-client stats of the last round
         self.last_round = self.first_round - 1
         self.timer = helper.PhaseTimer(device)
         _, h, w = self.data.image_shape
         indices = [-1] + list(range(local_trigger_count(params))) if params["trigger_num"] else []
         self.triggers = {trigger_name(k): trigger_mask(trigger_pixels(params, k), h, w, device) for k in indices}
-        self.schedule = attacker_rounds(params, self.first_round) if params["is_poison"] else []
+        self.schedule = attacks.attacker_rounds(params, self.first_round) if params["is_poison"] else []
         for k, rounds in enumerate(self.schedule):
             logger.info("attacker %d (client %d) poisons in %s", k, params["adversary_list"][k],
                         describe_rounds(rounds))
@@ -120,7 +128,8 @@ class Federation:
         torch.set_rng_state(ckpt["torch_rng"])
 
     def root_update(self, round_no):
-        """FLTrust's server update: the clients' benign training on the server's root set."""
+        """The server's own update, for rules that hold a root set: the clients' benign training
+        on it from the global model."""
         if self.data.root_indices is None:
             return None
         self.model.load_state_dict(self.global_state)
@@ -137,26 +146,28 @@ class Federation:
                 and round_no in self.schedule[params["adversary_list"].index(cid)])
 
     def train_attacker(self, cid, round_no):
-        """DBA poisoned training from the global model; returns (update, n_samples)."""
+        """The attack's training from the global model, then model replacement unless
+        `baseline`; returns (update, n_samples)."""
         params = self.params
         self.model.load_state_dict(self.global_state)
         gen = torch.Generator().manual_seed(self.client_seed(round_no, cid))
-        trigger = self.triggers[trigger_name(attacker_trigger_index(params, params["adversary_list"].index(cid)))]
-        n = image_train.poison_train(self.model, self.data, cid, trigger, params, gen)
+        slot = params["adversary_list"].index(cid)
+        trigger = self.triggers[trigger_name(self.attack.trigger_index(slot, len(params["adversary_list"])))]
+        n = self.attack.train(self.model, self.data, cid, trigger, gen, attacks.local_training(params),
+                              **self.attack.own_settings(params))
         update = image_train.state_difference(self.model.state_dict(), self.global_state)
         if not params["baseline"]:
-            update = image_train.scale_update(update, params["scale_weights_poison"])
+            update = attacks.scale_update(update, params["scale_weights_poison"])
         return update, n
 
     def train_benign(self, cids, round_no):
-        """Benign local training of ``cids``: plain SGD, or FLIP when `invert` is on (all of
-        the round's benign clients together). Returns a list of (update, n_samples, flip stats)."""
+        """Benign local training of ``cids``: plain SGD, or the client defense the configuration
+        turns on (all of the round's benign clients together). Returns a list of (update,
+        n_samples, the client defense's stats)."""
         seeds = [self.client_seed(round_no, cid) for cid in cids]
-        if self.params["invert"]:
-            import invert
-
-            results = invert.flip_round(self.model, self.global_state, self.data, cids, self.params,
-                                        self.client_states, seeds, self.device, self.timer)
+        if self.client_defense:
+            results = self.client_defense.train_round(self.model, self.global_state, self.data, cids, self.params,
+                                                      self.client_states, seeds, self.device, self.timer)
             return [(image_train.state_difference(state, self.global_state), n, stats)
                     for state, n, stats in results]
         out = []
@@ -177,7 +188,7 @@ class Federation:
             benign = iter(self.train_benign([c for c, p in zip(participants, poisoned) if not p], round_no))
             results = [(*self.train_attacker(cid, round_no), None) if p else next(benign)
                        for cid, p in zip(participants, poisoned)]
-        updates, n_samples, flip_stats = (list(x) for x in zip(*results))
+        updates, n_samples, defense_stats = (list(x) for x in zip(*results))
         ctx = defense.RoundContext(params, self.trainable,
                                    helper.generator(self.device, params["seed"], round_no, helper.STREAM_SERVER),
                                    participants, self.server_state)
@@ -189,28 +200,19 @@ class Federation:
         with self.timer("evaluation"):
             row = {"round": round_no, **test.evaluate(self.model, self.data, params, self.triggers)}
         row.update(detection_counts(poisoned, result.admitted))
-        if params["invert"]:
-            import invert
-
-            row.update(invert.summarize_round(flip_stats, params["poison_label_swap"]))
-            logger.info("round %d FLIP: %d inversions, mean mask L1 %.2f, mean stamped success %.3f, "
-                        "%d hardening steps (%d stamping a trigger toward label %d), %d skipped by the size cap",
-                        round_no, row["flip_inversions"], row["flip_mask_l1"], row["flip_success"],
-                        row["flip_hardened"], row["flip_stamped_to_target"], params["poison_label_swap"],
-                        row["flip_oversize_skips"])
-            self.flip_profile = invert.profile_round(flip_stats)
-            logger.info("round %d FLIP inversions by kind: %s", round_no, "; ".join(
-                f"{kind} {p['count']}x {p['images']:.0f} images, {p['steps_run']:.0f}/{p['steps_asked']:.0f} steps, "
-                f"last gain at step {p['last_improvement']:.0f}" for kind, p in self.flip_profile.items()))
+        if self.client_defense:
+            self.last_defense_stats = defense_stats
+            row.update(self.client_defense.summarize(defense_stats, params, round_no))
+        row.update({name: record_value(result.stats.get(name)) for name in self.rule.metric_columns})
         logger.info("round %d phases (s): %s", round_no,
                     ", ".join(f"{k} {v:.2f}" for k, v in self.timer.seconds.items()))
         norms = [float(defense.flatten(u, self.trainable).norm()) for u in updates]
         client_rows = [{"round": round_no, "client_id": cid, "is_attacker": int(p), "n_samples": n,
                         "update_norm": round(norm, 6), "admitted": int(a)}
                        for cid, p, n, norm, a in zip(participants, poisoned, n_samples, norms, result.admitted)]
-        for name, values in result.client_stats.items():
-            for client_row, value in zip(client_rows, values):
-                client_row[name] = "" if np.isnan(value) else round(float(value), 6)
+        for name in self.rule.client_columns:
+            for client_row, value in zip(client_rows, result.client_stats.get(name, [None] * len(client_rows))):
+                client_row[name] = record_value(value)
         return row, client_rows
 
 
@@ -218,8 +220,9 @@ def clean_params(params, rounds):
     """The run that makes a start model: the experiment's federation and training settings from
     round 1 to ``rounds``, with no attack and no defense."""
     clean = copy.deepcopy(params)
-    clean.update(resumed_model=False, is_poison=False, invert=False, aggregation_methods="mean",
+    clean.update(resumed_model=False, is_poison=False, aggregation_methods="mean",
                  epochs=rounds, save_model=True, save_on_epochs=[rounds])
+    clean.update({entry.switch: False for entry in defenses.CLIENT_DEFENSES.values()})
     return clean
 
 
@@ -268,7 +271,7 @@ def run(params, run_dir, device, resume=False):
                 run_folder.describe_code(segment))
     keep = fed.last_round if resume else None
     metrics = helper.CsvLog(os.path.join(run_dir, "metrics.csv"), metric_columns(params), keep)
-    clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, keep)
+    clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), client_columns(params), keep)
     metrics_path = metrics.path
     rounds = range(fed.last_round + 1, params["epochs"] + 1)
     durations = []
@@ -293,10 +296,10 @@ def run(params, run_dir, device, resume=False):
         helper.save_full_checkpoint(fed.state(), ckpt_path)
     helper.plot_metrics(metrics_path, os.path.join(run_dir, "metrics.png"),
                         f"{params['type']} · {params['aggregation_methods']}"
-                        f"{' + FLIP' if params['invert'] else ''}")
+                        f"{' + ' + fed.client_defense.label if fed.client_defense else ''}")
     return helper.write_summary(run_dir, metrics_path, {
         "dataset": params["type"], "aggregation": params["aggregation_methods"],
-        "invert": params["invert"], "attack_mode": params["attack_mode"],
+        "invert": params["invert"], "attack": params["attack"], "attack_mode": params["attack_mode"],
         "is_poison": params["is_poison"], "first_round": fed.first_round, "rounds": params["epochs"],
         "code": run_folder.read_segments(run_dir),
     })

@@ -14,8 +14,9 @@ each mode's inversion seconds.
 (batch order, inversion noise) as in another round: the run-to-run spread the adaptive budget's
 differences should be judged against.
 
-The backdoored start is made by `bash experiments/fmnist.sh`'s no-defense single-shot settings
-to round 208 in experiments/results/equivalence_start/ (a few minutes on a CPU).
+The backdoored start is the no-defense single-shot run to round 208 (`python main.py --params
+utils/fashion_mnist.yaml --set invert=false --set epochs=208 --run-dir
+experiments/results/equivalence_start`, a few minutes on a CPU).
 """
 
 import argparse

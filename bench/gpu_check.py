@@ -88,9 +88,9 @@ def read_rows(run_dir):
 
 def budget_overrides(scale):
     """`--set flip.<steps>=...` scaling the reference's Fashion-MNIST inversion budget."""
-    import config
+    from defenses import flip
 
-    return [f"flip.{k}={max(1, round(config.FLIP_FIELDS[k].default * scale))}" for k in STEP_KEYS]
+    return [f"flip.{k}={max(1, round(flip.SETTINGS[k].default * scale))}" for k in STEP_KEYS]
 
 
 def plan(args, device, work):

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+import invert  # noqa: E402
 import train  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def one_round(params, device):
            "phases": {k: round(v, 2) for k, v in fed.timer.seconds.items()},
            "clients": len(clients), "flip_inversions": row["flip_inversions"],
            "main_acc": row["main_acc"], "backdoor_acc": row["backdoor_acc"],
-           "flip_hardened": row["flip_hardened"], "profile": fed.flip_profile, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+           "flip_hardened": row["flip_hardened"], "profile": invert.profile_round(fed.last_defense_stats), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if device == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
     return out, fed.global_state

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import invert  # noqa: E402
 import inversion  # noqa: E402
-from config import resolve_flip_params  # noqa: E402
+from defenses.flip import resolve_settings as resolve_flip_params  # noqa: E402
 from models import build_model  # noqa: E402
 
 

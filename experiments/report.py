@@ -2,8 +2,8 @@
 
     python experiments/report.py                    # the main table; writes experiments/<attack>.png
                                                     # and, with baseline runs, <attack>_defenses.png
-    python experiments/report.py --flame-admission  # FLAME's admission rules (flame_admission.sh)
-    python experiments/report.py --flame-batchnorm  # FLAME on a BatchNorm model (flame_batchnorm.sh)
+    python experiments/report.py --flame-admission  # FLAME's admission rules (docs/flame_admission.md)
+    python experiments/report.py --flame-batchnorm  # FLAME on a BatchNorm model (docs/flame_admission.md)
     python experiments/report.py --flip-rounds=single_shot   # FLIP vs no defense, round by round
     python experiments/report.py --sweep experiments/grids/fmnist_defenses.yaml   # a sweep's tables
 """
@@ -20,13 +20,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from defenses import SERVER_RULES  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 ATTACKS = {"single_shot": "single-shot DBA (x100, rounds 202/204/206/208)",
            "continuous": "continuous DBA (every round, threshold 0.4)"}
 DEFENSES = {"none": "no defense", "flip": "FLIP", "flame": "FLAME"}
-BASELINES = {"krum": "Krum", "multi_krum": "Multi-Krum", "bulyan": "Bulyan", "median": "median",
-             "trimmed_mean": "trimmed mean", "rfa": "RFA", "foolsgold": "FoolsGold",
-             "norm_clipping": "norm clipping", "weak_dp": "weak DP", "fltrust": "FLTrust"}
+# Every other registered rule, under its own label (run folders are named <attack>_<rule>).
+BASELINES = {name: rule.label for name, rule in SERVER_RULES.items() if name not in ("mean", "weighted_mean", "flame")}
 ALL_DEFENSES = {**DEFENSES, **BASELINES}
 
 

@@ -44,6 +44,8 @@ import time
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import helper  # noqa: E402
 logger = logging.getLogger("sweep")
 
 
@@ -272,14 +274,11 @@ def summarize(grid, rows, over="seed"):
     for cell_rows in by_cell.values():
         first, last = cell_rows[0], cell_rows[-1]
         group = tuple(first.get(k, "") for k in keys)
-        attackers = sum(int(r.get("attackers_selected") or 0) for r in cell_rows)
-        caught = sum(int(r.get("attackers_rejected") or 0) for r in cell_rows)
-        benign = sum(int(r.get("benign_selected") or 0) for r in cell_rows)
-        false_alarms = sum(int(r.get("benign_rejected") or 0) for r in cell_rows)
+        detection = helper.detection_totals(cell_rows, digits=None)
         groups.setdefault(group, []).append({
             over: first.get(over, ""), "MA": float(last["main_acc"]), "BA": float(last["backdoor_acc"]),
             "peak BA": max(float(r["backdoor_acc"]) for r in cell_rows),
-            "TPR": caught / attackers if attackers else None, "FPR": false_alarms / benign if benign else None,
+            "TPR": detection["tpr"], "FPR": detection["fpr"],
             "seconds": sum(float(r["seconds"]) for r in cell_rows)})
     return keys, groups
 

@@ -12,6 +12,7 @@ import torch
 
 import config
 import defense
+import defenses
 import helper
 from conftest import run_main
 from models import build_model
@@ -44,11 +45,11 @@ def hand_made_updates(n=6, bad=2, value=float("nan")):
     return state, updates
 
 
-@pytest.mark.parametrize("rule", sorted(defense.AGGREGATORS))
+@pytest.mark.parametrize("rule", sorted(defenses.SERVER_RULES))
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_update_is_rejected_and_the_rest_aggregated(rule, value, caplog):
     state, updates = hand_made_updates(value=value)
-    params = {k: f.default for k, f in config.FIELDS.items()}
+    params = {k: f.default for k, f in config.all_fields().items()}
     params.update({"aggregation_methods": rule, "lr_para": 1.0, "no_models": 6, "flame_lambda": 0.0,
                    "dp_sigma": 0.0, "clip_norm": 100.0})
     ctx = defense.RoundContext(params, ["w", "b"], torch.Generator().manual_seed(0), [10, 11, 12, 13, 14, 15])

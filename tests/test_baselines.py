@@ -10,9 +10,8 @@ import torch
 
 import defense
 import helper
-import reweighting
-import robust_rules
 from conftest import DEVICE, run_main, write_yaml
+from defenses import SERVER_RULES, RuleContext, reweighting, robust_rules
 
 PARAMS = {"lr_para": 1.0, "no_models": 5, "robust_f": 1, "multi_krum_m": None, "trim_fraction": 0.2,
           "rfa_iterations": 200, "rfa_smoothing": 1e-9, "clip_norm": 1.0, "dp_sigma": 0.0,
@@ -21,7 +20,15 @@ PARAMS = {"lr_para": 1.0, "no_models": 5, "robust_f": 1, "multi_krum_m": None, "
 
 def ctx(n=5, **params):
     return defense.RoundContext({**PARAMS, **params}, ["w"], torch.Generator().manual_seed(0),
-                                list(range(n)), {}, None, [("w", 0)])
+                                list(range(n)), {}, None)
+
+
+def call(name, U, n_samples, c):
+    """Matrix rule ``name`` on ``U`` with its settings taken from the context's configuration."""
+    rule = SERVER_RULES[name]
+    rule_ctx = RuleContext(c.trainable, c.generator, c.client_ids, c.server_state, c.params["lr_para"],
+                           c.params["no_models"], [("w", U.shape[1])], c.root_update)
+    return rule.function(U, n_samples, rule_ctx, **rule.own_settings(c.params))
 
 
 def matrix(rows):
@@ -34,13 +41,13 @@ def test_krum_picks_the_update_closest_to_its_neighbours_and_multi_krum_the_m_be
     scores = robust_rules.krum_scores(U, 1)
     expected = [sorted(((U[i] - U[j]).pow(2).sum().item() for j in range(5) if j != i))[:2] for i in range(5)]
     assert scores.tolist() == pytest.approx([sum(e) for e in expected])
-    result = robust_rules.krum(U, [1] * 5, ctx())
+    result = call("krum", U, [1] * 5, ctx())
     assert result.admitted.tolist() == [True, False, False, False, False]
     assert torch.equal(result.update, U[0])
-    multi = robust_rules.multi_krum(U, [1] * 5, ctx(multi_krum_m=3))
+    multi = call("multi_krum", U, [1] * 5, ctx(multi_krum_m=3))
     assert multi.admitted.tolist() == [True, True, True, False, False]
     assert torch.allclose(multi.update, U[:3].mean(0))
-    assert robust_rules.multi_krum(U, [1] * 5, ctx()).admitted.sum() == 4  # m = n - f by default
+    assert call("multi_krum", U, [1] * 5, ctx()).admitted.sum() == 4  # m = n - f by default
 
 
 def test_median_and_trimmed_mean_equal_numpy():
@@ -48,10 +55,10 @@ def test_median_and_trimmed_mean_equal_numpy():
     for n in (5, 6):
         A = rng.normal(size=(n, 7))
         U = torch.tensor(A)
-        assert np.allclose(robust_rules.median(U, [1] * n, ctx(n)).update.numpy(), np.median(A, axis=0))
+        assert np.allclose(call("median", U, [1] * n, ctx(n)).update.numpy(), np.median(A, axis=0))
         k = int(0.2 * n)
         expected = np.sort(A, axis=0)[k:n - k].mean(0)
-        assert np.allclose(robust_rules.trimmed_mean(U, [1] * n, ctx(n)).update.numpy(), expected)
+        assert np.allclose(call("trimmed_mean", U, [1] * n, ctx(n)).update.numpy(), expected)
 
 
 def test_rfa_converges_to_the_geometric_median():
@@ -59,7 +66,7 @@ def test_rfa_converges_to_the_geometric_median():
     geometric median lies on the diagonal, close to (1, 1), where the unit vectors towards the
     points sum to zero; the mean is pulled to (20.8, 20.8)."""
     U = matrix([[0.0, 1.0], [2.0, 1.0], [1.0, 0.0], [1.0, 2.0], [100.0, 100.0]])
-    v = robust_rules.rfa(U, [1] * 5, ctx()).update
+    v = call("rfa", U, [1] * 5, ctx()).update
     assert float(v[0]) == pytest.approx(float(v[1]), abs=1e-6)
     # first-order condition of the geometric median: the unit vectors towards the points sum to 0
     units = (U - v) / (U - v).norm(dim=1, keepdim=True)
@@ -88,8 +95,8 @@ def test_foolsgold_gives_identical_sybils_near_zero_weight():
     honest = rng.normal(size=(4, 50))
     sybil = rng.normal(size=50)
     U = torch.tensor(np.vstack([honest, sybil, sybil, sybil]))
-    result = reweighting.foolsgold(U, [1] * 7, ctx(7))
-    weights = np.array(result.stats["foolsgold_weights"])
+    result = call("foolsgold", U, [1] * 7, ctx(7))
+    weights = np.array(result.client_stats["foolsgold_weight"])
     assert weights[4:].max() < 0.01 and weights[:4].min() > 0.5
     assert result.admitted.tolist() == [True] * 4 + [False] * 3
 
@@ -98,13 +105,13 @@ def test_norm_clipping_bounds_every_update_and_weak_dp_adds_noise_of_the_configu
     g = {"w": torch.zeros(4000)}
     gen = torch.Generator().manual_seed(3)
     updates = [{"w": s * torch.randn(4000, generator=gen)} for s in (0.001, 0.1, 5.0)]
-    clipped = defense.AGGREGATORS["norm_clipping"](g, updates, [1] * 3, ctx(3, clip_norm=2.0))
+    clipped = defense.apply_rule("norm_clipping", g, updates, [1] * 3, ctx(3, clip_norm=2.0))
     unit = [u["w"] * min(1.0, 2.0 / float(u["w"].norm())) for u in updates]
     assert torch.allclose(clipped.state["w"], sum(unit) / 3, atol=1e-6)
     rows = robust_rules.clip_rows(torch.stack([u["w"].double() for u in updates]), 2.0)
     assert rows.norm(dim=1).max() <= 2.0 + 1e-12
     assert torch.equal(rows[0], updates[0]["w"].double())  # below the bound: untouched
-    noisy = defense.AGGREGATORS["weak_dp"](g, updates, [1] * 3, ctx(3, clip_norm=2.0, dp_sigma=0.05))
+    noisy = defense.apply_rule("weak_dp", g, updates, [1] * 3, ctx(3, clip_norm=2.0, dp_sigma=0.05))
     residual = noisy.state["w"] - clipped.state["w"]
     assert float(residual.std()) == pytest.approx(0.05, rel=0.05)
 
@@ -114,8 +121,8 @@ def test_fltrust_gives_a_flipped_update_zero_weight():
     U = matrix([[2.0, 1.5, 0.1], [0.5, 1.0, 0.0], [-2.0, -2.0, 0.0], [30.0, 25.0, 0.0]])
     c = ctx(4)
     c.root_update = g0
-    result = reweighting.fltrust(U, [1] * 4, c)
-    trust = result.stats["fltrust_trust"]
+    result = call("fltrust", U, [1] * 4, c)
+    trust = result.client_stats["fltrust_trust"]
     assert trust[2] == 0 and min(trust[0], trust[1], trust[3]) > 0.9
     assert result.admitted.tolist() == [True, True, False, True]
     assert float(result.update.norm()) <= float(g0.norm()) + 1e-9  # rescaled to the server's norm
@@ -126,13 +133,13 @@ def test_buffers_are_averaged_over_the_admitted_clients_only():
     updates = [{"w": torch.tensor(v), "bn.running_mean": torch.full((3,), m), "bn.num_batches_tracked": torch.tensor(1)}
                for v, m in (([0.0, 0.0], 1.0), ([0.1, 0.0], 2.0), ([0.0, 0.1], 3.0), ([0.1, 0.1], 4.0),
                             ([50.0, 50.0], 100.0))]
-    out = defense.AGGREGATORS["krum"](g, updates, [1] * 5, ctx(5, lr_para=0.5))
+    out = defense.apply_rule("krum", g, updates, [1] * 5, ctx(5, lr_para=0.5))
     chosen = out.admitted.index(True)
     assert out.admitted.count(True) == 1
     assert torch.allclose(out.state["w"], 0.5 * updates[chosen]["w"])
     assert torch.allclose(out.state["bn.running_mean"], 0.5 * updates[chosen]["bn.running_mean"])
     assert int(out.state["bn.num_batches_tracked"]) == 5
-    med = defense.AGGREGATORS["median"](g, updates, [1] * 5, ctx(5, lr_para=1.0))
+    med = defense.apply_rule("median", g, updates, [1] * 5, ctx(5, lr_para=1.0))
     assert torch.allclose(med.state["bn.running_mean"], torch.full((3,), 22.0))  # all admitted: the mean
 
 

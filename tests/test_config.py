@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+import attacks
 import config
 from conftest import SYNTHETIC, run_main, write_yaml
 from models import build_model
@@ -55,15 +56,15 @@ def test_set_reaches_one_key_of_a_group(tmp_path):
 def test_attack_mode_switch_sets_schedule_scaling_and_threshold():
     single = config.resolve(dict(SYNTHETIC))
     assert single["baseline"] is False and single["confidence_threshold"] == 0.0
-    assert config.attacker_rounds(single, 1) == [[2], [3]]
+    assert attacks.attacker_rounds(single, 1) == [[2], [3]]
     raw = {k: v for k, v in SYNTHETIC.items() if not k.endswith("_poison_epochs")}
     cont = config.resolve({**raw, "attack_mode": "continuous", "epochs": 5})
     assert cont["baseline"] is True and cont["confidence_threshold"] == 0.4
-    assert config.attacker_rounds(cont, 2) == [[2, 3, 4, 5], [2, 3, 4, 5]]
+    assert attacks.attacker_rounds(cont, 2) == [[2, 3, 4, 5], [2, 3, 4, 5]]
     explicit = config.resolve({**raw, "attack_mode": "continuous", "confidence_threshold": 0.2,
                                "1_poison_epochs": [4]})
     assert explicit["confidence_threshold"] == 0.2
-    assert config.attacker_rounds(explicit, 1)[1] == [4]
+    assert attacks.attacker_rounds(explicit, 1)[1] == [4]
 
 
 def test_reference_yaml_loads_with_one_warning(tmp_path, caplog):
@@ -104,7 +105,7 @@ def test_our_yaml_files_load():
         raw["resumed_model"] = False
         params = config.resolve(raw)
         assert params["type"] == name and params["attack_mode"] == "single_shot"
-        assert len(config.attacker_rounds(params, 1)) == 4
+        assert len(attacks.attacker_rounds(params, 1)) == 4
 
 
 def test_mnistnet_with_batchnorm_is_an_option_that_keeps_the_reference_names():

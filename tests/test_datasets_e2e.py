@@ -15,7 +15,7 @@ import yaml
 import invert
 import inversion
 from conftest import DEVICE, ROOT, run_main
-from config import resolve_flip_params
+from defenses.flip import resolve_settings as resolve_flip_params
 from image_helper import FederatedData, iid_split, make_synthetic
 from models import build_model
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import defense
-from image_train import scale_update
+from attacks import scale_update
+from defenses import flame
 
 
 FLAME_DEFAULTS = {"flame_lambda": 0.0, "flame_whole_state_dict": False, "flame_admission": "cluster",
@@ -21,7 +22,7 @@ def test_fedavg_is_global_plus_lr_para_over_no_models_times_sum():
     ups = [{"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([1.0]), "n": torch.tensor(1)},
            {"w": torch.tensor([0.0, 6.0]), "b": torch.tensor([2.0]), "n": torch.tensor(1)},
            {"w": torch.tensor([-3.0, 3.0]), "b": torch.tensor([0.0]), "n": torch.tensor(1)}]
-    out = defense.fedavg(g, ups, [10, 20, 30], ctx())
+    out = defense.apply_rule("mean", g, ups, [10, 20, 30], ctx())
     # sum w = [0, 9], b = 3; coefficient 0.1 / 3
     assert torch.allclose(out.state["w"], torch.tensor([1.0, 2.3]))
     assert torch.allclose(out.state["b"], torch.tensor([0.6]))
@@ -32,7 +33,7 @@ def test_fedavg_is_global_plus_lr_para_over_no_models_times_sum():
 def test_weighted_fedavg_uses_sample_counts():
     g = {"w": torch.zeros(1), "b": torch.zeros(1)}
     ups = [{"w": torch.tensor([6.0]), "b": torch.zeros(1)}, {"w": torch.tensor([0.0]), "b": torch.zeros(1)}]
-    out = defense.weighted_fedavg(g, ups, [1, 2], ctx(lr_para=1.0))
+    out = defense.apply_rule("weighted_mean", g, ups, [1, 2], ctx(lr_para=1.0))
     assert torch.allclose(out.state["w"], torch.tensor([2.0]))
 
 
@@ -64,7 +65,7 @@ def test_flame_rejects_scaled_and_flipped_updates_and_clips_to_median():
     vecs.append(100 * _benign_updates(1, dim, seed=5)[0])  # x100 outlier in its own direction
     vecs.append(-vecs[0])                                          # direction-flipped
     g = {"w": torch.zeros(dim - 1), "b": torch.zeros(1)}
-    out = defense.flame(g, _as_states(vecs), [1] * 10, ctx(no_models=10))
+    out = defense.apply_rule("flame", g, _as_states(vecs), [1] * 10, ctx(no_models=10))
     assert out.admitted == [True] * 8 + [False, False]
     norms = torch.stack([v.double().norm() for v in vecs])
     assert out.stats["flame_clip_bound"] == pytest.approx(float(norms.median()))
@@ -80,7 +81,7 @@ def test_flame_noise_has_configured_scale():
     vecs = [torch.zeros(dim) + 0.01 * i for i in range(1, 5)]
     g = {"w": torch.zeros(dim - 1), "b": torch.zeros(1)}
     lam = 0.5
-    out = defense.flame(g, _as_states(vecs), [1] * 4, ctx(flame_lambda=lam, no_models=4))
+    out = defense.apply_rule("flame", g, _as_states(vecs), [1] * 4, ctx(flame_lambda=lam, no_models=4))
     bound = out.stats["flame_clip_bound"]
     mean = sum(v.double() * min(1.0, bound / float(v.double().norm())) for v in vecs) / 4
     residual = torch.cat([out.state["w"], out.state["b"]]).double() - mean
@@ -91,8 +92,8 @@ def test_flame_noise_has_configured_scale():
 def test_flame_degenerate_cases_admit_everyone_without_crashing(caplog):
     g = {"w": torch.zeros(3), "b": torch.zeros(1)}
     same = [{"w": torch.ones(3), "b": torch.ones(1)} for _ in range(4)]
-    assert defense.flame(g, same, [1] * 4, ctx()).admitted == [True] * 4
-    one = defense.flame(g, same[:1], [1], ctx())
+    assert defense.apply_rule("flame", g, same, [1] * 4, ctx()).admitted == [True] * 4
+    one = defense.apply_rule("flame", g, same[:1], [1], ctx())
     assert one.admitted == [True]
     assert torch.allclose(one.state["w"], torch.ones(3))
     assert "identical" in caplog.text and "nothing to cluster" in caplog.text
@@ -101,7 +102,7 @@ def test_flame_degenerate_cases_admit_everyone_without_crashing(caplog):
 def test_admission_all_noise_fallback():
     d = torch.tensor(np.array([[0.0, 1.0], [1.0, 0.0]]))
     for rule in ("cluster", "outlier_score"):
-        assert defense.flame_admission(d, rule, 2 / 3).admitted.tolist() in ([True, True], [True, False], [False, True])
+        assert flame.admit(d, rule, 2 / 3).admitted.tolist() in ([True, True], [True, False], [False, True])
 
 
 def majority_with_stragglers(seed=0):
@@ -117,12 +118,12 @@ def majority_with_stragglers(seed=0):
 
 
 def test_outlier_score_admits_a_benign_straggler_and_rejects_attackers():
-    d = defense.cosine_distances(majority_with_stragglers())
-    by_score = defense.flame_admission(d, "outlier_score", 2 / 3)
+    d = flame.cosine_distances(majority_with_stragglers())
+    by_score = flame.admit(d, "outlier_score", 2 / 3)
     assert by_score.admitted.tolist() == [True] * 8 + [False, False]
     assert np.allclose(by_score.majority_ratios, 1 / (1 - by_score.outlier_scores))
     assert by_score.majority_ratios[7] < 3 < min(by_score.majority_ratios[8:])
-    by_cluster = defense.flame_admission(d, "cluster", 2 / 3)
+    by_cluster = flame.admit(d, "cluster", 2 / 3)
     assert not by_cluster.admitted[8:].any()
     assert by_cluster.admitted[:8].sum() < 8  # HDBSCAN's labels drop benign clients too
 
@@ -130,7 +131,7 @@ def test_outlier_score_admits_a_benign_straggler_and_rejects_attackers():
 def test_outlier_score_with_identical_majority_falls_back_to_cluster(caplog):
     vecs = majority_with_stragglers()
     vecs[:6] = vecs[0]
-    admission = defense.flame_admission(defense.cosine_distances(vecs), "outlier_score", 2 / 3)
+    admission = flame.admit(flame.cosine_distances(vecs), "outlier_score", 2 / 3)
     assert admission.admitted[:6].all() and not admission.admitted[8:].any()
     assert "outlier scores are undefined" in caplog.text
 
@@ -139,8 +140,8 @@ def test_flame_reports_outlier_scores_and_can_take_the_fedavg_step():
     vecs = majority_with_stragglers().float()
     g = {"w": torch.zeros(300), "b": torch.zeros(1)}
     updates = [{"w": v, "b": torch.zeros(1)} for v in vecs]
-    full = defense.flame(g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10))
-    scaled = defense.flame(g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10,
+    full = defense.apply_rule("flame", g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10))
+    scaled = defense.apply_rule("flame", g, updates, [1] * 10, ctx(flame_admission="outlier_score", no_models=10,
                                                      flame_apply_lr_para=True, lr_para=0.1))
     assert len(full.client_stats["outlier_score"]) == 10
     assert full.admitted == [True] * 8 + [False, False]
@@ -165,10 +166,10 @@ def test_flame_batchnorm_statistics_do_not_make_benign_clients_outliers():
     trainable_only = defense.RoundContext(
         {**FLAME_DEFAULTS, "lr_para": 1.0, "no_models": n}, ["w"],
         torch.Generator().manual_seed(0))
-    assert defense.flame(g, updates, [1] * n, trainable_only).admitted == [True] * n
+    assert defense.apply_rule("flame", g, updates, [1] * n, trainable_only).admitted == [True] * n
     whole = defense.RoundContext({**trainable_only.params, "flame_whole_state_dict": True}, ["w"],
                                  torch.Generator().manual_seed(0))
-    admitted = defense.flame(g, updates, [1] * n, whole).admitted
+    admitted = defense.apply_rule("flame", g, updates, [1] * n, whole).admitted
     assert not all(admitted)
     assert sum(admitted) >= n // 2 + 1
 

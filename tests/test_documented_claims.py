@@ -12,6 +12,7 @@ import flip_client
 import inversion
 import train
 from conftest import DEVICE, run_main
+from defenses import SERVER_RULES
 from image_helper import load_federated_data
 
 
@@ -19,7 +20,7 @@ def test_fltrusts_root_set_is_held_out_from_every_client():
     params = config.resolve({"type": "synthetic", "synthetic_train_size": 500, "number_of_total_participants": 7,
                              "no_models": 5, "aggregation_methods": "fltrust", "fltrust_root_size": 60,
                              "is_poison": False})
-    data = load_federated_data(params, "cpu")
+    data = load_federated_data(params, "cpu", SERVER_RULES["fltrust"].root_set_size(params))
     root = set(data.root_indices.tolist())
     clients = [set(c.tolist()) for c in data.client_indices]
     assert len(root) == 60

@@ -9,7 +9,7 @@ import torch
 import flip_client
 import inversion
 from invert import summarize_round
-from config import resolve_flip_params
+from defenses.flip import resolve_settings as resolve_flip_params
 
 H = W = 8                 # 64 pixels: the Fashion-MNIST cap 1/8 is 8 pixels
 SMALL, OVERSIZE = 4.0, 20.0

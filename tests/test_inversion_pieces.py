@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import inversion
-from config import resolve_flip_params
+from defenses.flip import resolve_settings as resolve_flip_params
 
 FP = resolve_flip_params({}, "fashion_mnist")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import invert
 import inversion
-from config import resolve_flip_params
+from defenses.flip import resolve_settings as resolve_flip_params
 from image_helper import FederatedData, iid_split, load_arrays, stamp, trigger_mask
 from models import build_model
 from test import predict

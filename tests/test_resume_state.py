@@ -76,3 +76,15 @@ def same_values(a, b):
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and np.array_equal(a, b)
     return a == b
+
+
+def test_a_resumed_csv_keeps_the_columns_it_was_started_with(tmp_path):
+    """Runs started before a rule's columns changed (clients.csv once carried FLAME's two columns
+    for every rule) resume with their header, new columns added at the end, rows kept to the
+    checkpoint's round."""
+    path = tmp_path / "clients.csv"
+    path.write_text("round,client_id,outlier_score\n1,4,\n1,5,0.25\n2,4,\n")
+    log = helper.CsvLog(str(path), ["round", "client_id", "fltrust_trust"], keep_rounds=1)
+    log.append([{"round": 2, "client_id": 7, "fltrust_trust": 0.5}])
+    assert path.read_text().splitlines() == ["round,client_id,outlier_score,fltrust_trust", "1,4,,", "1,5,0.25,",
+                                             "2,7,,0.5"]

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import defense
-import reweighting
-import robust_rules
-from test_baselines import ctx, matrix
+from defenses import reweighting, robust_rules
+from test_baselines import call, ctx, matrix
 
 
 def test_bulyan_selects_by_repeated_krum_then_averages_the_values_nearest_the_median():
@@ -20,7 +19,7 @@ def test_bulyan_selects_by_repeated_krum_then_averages_the_values_nearest_the_me
     Coordinate 0: {0, 1, 2, 3, 10}, median 2, nearest {1, 2, 3} → 2 (their plain mean is 3.2).
     Coordinate 1: {5, −1, 0, 1, 2}, median 1, nearest {1, 0, 2} → 1 (plain mean 1.4)."""
     U = matrix([[0, 5], [1, -1], [2, 0], [3, 1], [10, 2], [100, 0], [-100, 50]])
-    result = robust_rules.bulyan(U, [1] * 7, ctx(7))
+    result = call("bulyan", U, [1] * 7, ctx(7))
     assert result.admitted.tolist() == [True] * 5 + [False, False]
     assert result.update.tolist() == pytest.approx([2.0, 1.0])
 
@@ -30,9 +29,9 @@ def test_rfa_weighs_the_points_by_sample_counts():
     with 3 of 5 samples. With equal counts the answer is the triangle's Fermat point, away from
     every corner (all its angles are under 120°)."""
     U = matrix([[0, 0], [1, 0], [0, 1]])
-    weighted = robust_rules.rfa(U, [3, 1, 1], ctx(3))
+    weighted = call("rfa", U, [3, 1, 1], ctx(3))
     assert weighted.update.norm().item() < 1e-3
-    equal = robust_rules.rfa(U, [1, 1, 1], ctx(3))
+    equal = call("rfa", U, [1, 1, 1], ctx(3))
     fermat = (3 - 3 ** 0.5) / 6  # the Fermat point of this right triangle lies on the diagonal
     assert equal.update.tolist() == pytest.approx([fermat, fermat], abs=1e-4)
 
@@ -43,19 +42,19 @@ def test_foolsgold_sums_each_clients_updates_over_rounds():
     state = {}
     first = ctx(3, foolsgold_features="all")
     first.client_ids, first.server_state, first.layout = [0, 1, 2], state, [("w", 3)]
-    reweighting.foolsgold(matrix([[10, 0, 0], [0, 10, 0], [0, 0, 10]]), [1] * 3, first)
+    call("foolsgold", matrix([[10, 0, 0], [0, 10, 0], [0, 0, 10]]), [1] * 3, first)
     second = ctx(3, foolsgold_features="all")
     second.client_ids, second.server_state, second.layout = [0, 1, 3], state, [("w", 3)]
     U2 = matrix([[1, 1, 0], [1, 1, 0], [0, 0, 1]])
-    result = reweighting.foolsgold(U2, [1] * 3, second)
+    result = call("foolsgold", U2, [1] * 3, second)
     history = {cid: v.tolist() for cid, v in state["foolsgold_history"].items()}
     assert history == {0: [11, 1, 0], 1: [1, 11, 0], 2: [0, 0, 10], 3: [0, 0, 1]}
     expected = reweighting.foolsgold_weights(torch.tensor([[11.0, 1, 0], [1, 11, 0], [0, 0, 1]], dtype=torch.float64))
-    assert result.stats["foolsgold_weights"] == pytest.approx(expected.tolist())
+    assert result.client_stats["foolsgold_weight"] == pytest.approx(expected.tolist())
     assert result.admitted.tolist() == [True, True, True]
     memoryless = ctx(3, foolsgold_features="all", foolsgold_memory=False)
     memoryless.client_ids, memoryless.layout = [0, 1, 3], [("w", 3)]
-    alone = reweighting.foolsgold(U2, [1] * 3, memoryless)
+    alone = call("foolsgold", U2, [1] * 3, memoryless)
     assert alone.admitted.tolist()[:2] == [False, False]
 
 

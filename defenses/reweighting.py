@@ -7,16 +7,17 @@ import logging
 import numpy as np
 import torch
 
-from robust_rules import VectorResult
+from defenses.registry import VectorResult, server_rule
+from settings import Field, positive
 
 logger = logging.getLogger(__name__)
 
 
-def feature_slice(ctx):
+def feature_slice(ctx, foolsgold_features):
     """The columns of the update matrix that FoolsGold compares: the classifier's weight (the
     last trainable parameter named ``*weight``, else the last one; `foolsgold_features:
     classifier`) or every trainable parameter."""
-    if ctx.params["foolsgold_features"] == "all":
+    if foolsgold_features == "all":
         return slice(None)
     start, weight, last = 0, None, None
     for name, size in ctx.layout:
@@ -56,13 +57,16 @@ def foolsgold_weights(H):
     return np.clip(np.nan_to_num(wv, nan=0.0, posinf=1.0, neginf=0.0), 0, 1)
 
 
-def foolsgold(U, n_samples, ctx):
+@server_rule("foolsgold", label="FoolsGold", client_columns=["foolsgold_weight"],
+             settings={"foolsgold_memory": Field("bool", True),
+                       "foolsgold_features": Field("str", "classifier", choices=["classifier", "all"])})
+def foolsgold(U, n_samples, ctx, foolsgold_memory, foolsgold_features):
     """Weighted mean of the updates with FoolsGold's weights. With `foolsgold_memory` each
     client's features are the sum of all its updates so far (kept in the server state, and so in
     the resume checkpoint); otherwise this round's update alone."""
-    cols = feature_slice(ctx)
+    cols = feature_slice(ctx, foolsgold_features)
     features = U[:, cols].float()
-    if ctx.params["foolsgold_memory"]:
+    if foolsgold_memory:
         history = ctx.server_state.setdefault("foolsgold_history", {})
         for cid, row in zip(ctx.client_ids, features):
             history[cid] = history[cid] + row if cid in history else row.clone()
@@ -72,9 +76,11 @@ def foolsgold(U, n_samples, ctx):
     if update is None:
         logger.warning("FoolsGold: every client has weight 0; the global model is unchanged")
         update = torch.zeros_like(U[0])
-    return VectorResult(update, (weights > 0).numpy(), {"foolsgold_weights": weights.tolist()})
+    return VectorResult(update, (weights > 0).numpy(), client_stats={"foolsgold_weight": weights.tolist()})
 
 
+@server_rule("fltrust", label="FLTrust", client_columns=["fltrust_trust"],
+             root_set={"fltrust_root_size": Field("int", 100, positive, ">= 1")})
 def fltrust(U, n_samples, ctx):
     """FLTrust: the server trains on its root set (``ctx.root_update``, flattened like ``U``);
     each client's trust score is ReLU(cosine to the server update), each update is rescaled to
@@ -86,4 +92,4 @@ def fltrust(U, n_samples, ctx):
     if update is None:
         logger.warning("FLTrust: no client update points the server's way; the global model is unchanged")
         update = torch.zeros_like(g0)
-    return VectorResult(update, (trust > 0).numpy(), {"fltrust_trust": trust.tolist()})
+    return VectorResult(update, (trust > 0).numpy(), client_stats={"fltrust_trust": trust.tolist()})
