@@ -75,6 +75,7 @@ FIELDS = {
     "resumed_model_name": Field("str", ""),
     "pretrain": Field("bool", True),
     "pretrain_rounds": Field("int", optional=True, check=positive, rule=">= 1"),
+    "pretrain_lr_para": Field("float", optional=True, check=positive, rule="> 0"),  # default: lr_para
     "progress_seconds": Field("float", 60.0, positive, "> 0"),
     "synthetic_shape": Field("shape", [1, 28, 28]),
     "synthetic_classes": Field("int", 10, lambda v: v >= 2, ">= 2"),

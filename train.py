@@ -218,10 +218,13 @@ class Federation:
 
 def clean_params(params, rounds):
     """The run that makes a start model: the experiment's federation and training settings from
-    round 1 to ``rounds``, with no attack and no defense."""
+    round 1 to ``rounds`` (the server step `pretrain_lr_para` when set), with no attack and no
+    defense."""
     clean = copy.deepcopy(params)
     clean.update(resumed_model=False, is_poison=False, aggregation_methods="mean",
                  epochs=rounds, save_model=True, save_on_epochs=[rounds])
+    if params["pretrain_lr_para"] is not None:
+        clean["lr_para"] = params["pretrain_lr_para"]
     clean.update({entry.switch: False for entry in defenses.CLIENT_DEFENSES.values()})
     return clean
 

@@ -140,3 +140,24 @@ def test_flame_rejects_single_shot_attacker_that_breaks_fedavg(tmp_path, synthet
     with open(tmp_path / "flame" / "clients.csv") as f:
         attacker = [r for r in csv.DictReader(f) if r["is_attacker"] == "1"]
     assert [(r["round"], r["admitted"]) for r in attacker] == [("2", "0")]
+
+
+@pytest.mark.slow
+def test_the_start_model_is_pretrained_with_its_own_server_step(tmp_path, synthetic_yaml):
+    """One clean round from the same initial weights moves the model by pretrain_lr_para times the
+    same client updates: the steps of 0.25, 0.5 and 1.0 lie on one line, and leaving the key out
+    uses lr_para (1.0 here) bit for bit."""
+    models = {}
+    for step in (0.25, 0.5, 1.0, None):
+        start = tmp_path / f"pre_{step}" / "model_last.pt.tar.epoch_1"
+        cfg = {"is_poison": False, "epochs": 2, "resumed_model": True, "resumed_model_name": str(start),
+               "pretrain_lr_para": step}
+        result = run_main("--params", synthetic_yaml(cfg), "--run-dir", tmp_path / f"run_{step}", "--device", "cpu")
+        assert result.returncode == 0, result.stderr[-2000:]
+        models[step] = torch.load(start, weights_only=True)["state_dict"]
+    for key, quarter in models[0.25].items():
+        if quarter.is_floating_point():
+            half, whole = models[0.5][key], models[1.0][key]
+            assert torch.allclose(whole - half, 2 * (half - quarter), atol=1e-6)
+        assert torch.equal(models[None][key], models[1.0][key])
+    assert any(not torch.equal(models[0.5][k], models[1.0][k]) for k in models[1.0])
