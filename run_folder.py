@@ -83,16 +83,22 @@ class FolderLock:
         self.release()
 
 
+# Tracked records of runs, not code: a run in progress changes them without changing the code.
+RECORD_FOLDERS = ("experiments/results", "experiments/sweeps", "saved_models")
+
+
 def code_version():
-    """The commit of the code that runs and whether its tracked files differ from it
-    ("unknown" outside a git checkout)."""
+    """The commit of the code that runs and whether its tracked files other than run records
+    (``RECORD_FOLDERS``) differ from it ("unknown" outside a git checkout)."""
     root = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
 
     try:
-        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     *(f":(exclude){folder}" for folder in RECORD_FOLDERS))
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": ""}
     if head.returncode != 0:

@@ -252,3 +252,28 @@ def test_a_run_killed_while_saving_its_checkpoint_still_has_one(tmp_path, monkey
     monkeypatch.undo()
     assert helper.load_full_checkpoint(path)["round"] == 2
     assert helper.load_full_checkpoint(helper.previous_checkpoint(path))["round"] == 1
+
+
+def test_a_run_in_progress_elsewhere_does_not_mark_the_code_changed(tmp_path):
+    """Tracked run records (a resumable run's metrics.csv being appended to) are not code: only a
+    change outside the record folders makes the segment 'dirty'."""
+    import importlib.util
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "sweeps" / "cell").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "run_folder.py"), repo / "run_folder.py")
+    (repo / "experiments" / "sweeps" / "cell" / "metrics.csv").write_text("round\n1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "start"], check=True)
+    spec = importlib.util.spec_from_file_location("copied_run_folder", repo / "run_folder.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    assert copied.code_version()["dirty"] is False
+    (repo / "experiments" / "sweeps" / "cell" / "metrics.csv").write_text("round\n1\n2\n")
+    assert copied.code_version()["dirty"] is False
+    with open(repo / "run_folder.py", "a") as f:
+        f.write("\n# changed\n")
+    assert copied.code_version()["dirty"] is True
