@@ -57,18 +57,31 @@ def server_step(global_state, updates, result, rule_ctx):
                        result.client_stats)
 
 
+def check_declared(rule, result):
+    """A rule's numbers must be the columns it declared: anything else would never be recorded."""
+    for kind, names, declared in (("stats", result.stats, rule.metric_columns),
+                                  ("client_stats", result.client_stats, rule.client_columns)):
+        undeclared = sorted(set(names) - set(declared))
+        if undeclared:
+            column = "metric_columns" if kind == "stats" else "client_columns"
+            raise ValueError(f"rule '{rule.name}' returned {kind} {', '.join(undeclared)} that its "
+                             f"registration does not declare in {column}")
+    return result
+
+
 def apply_rule(name, global_state, updates, n_samples, ctx):
     """Rule ``name`` on these updates (all finite), with its settings from ``ctx.params``."""
     rule = SERVER_RULES[name]
     settings = rule.own_settings(ctx.params)
     rule_ctx = rule_context(ctx, ctx.client_ids or list(range(len(updates))))
     if not rule.on_matrix:
-        return rule.function(global_state, updates, n_samples, rule_ctx, **settings)
+        return check_declared(rule, rule.function(global_state, updates, n_samples, rule_ctx, **settings))
     rule_ctx.layout = [(k, global_state[k].numel()) for k in ctx.trainable]
     if ctx.root_update is not None:
         rule_ctx.root_update = flatten(ctx.root_update, ctx.trainable)
     U = torch.stack([flatten(u, ctx.trainable) for u in updates])
-    return server_step(global_state, updates, rule.function(U, n_samples, rule_ctx, **settings), rule_ctx)
+    result = check_declared(rule, rule.function(U, n_samples, rule_ctx, **settings))
+    return server_step(global_state, updates, result, rule_ctx)
 
 
 def is_finite_update(update):

@@ -149,3 +149,20 @@ def test_a_plugin_serves_only_the_configurations_that_name_it(tmp_path):
     assert "norm_filter_factor" in with_plugin and "norm_filter_factor" not in without
     with pytest.raises(config.ConfigError, match="aggregation_methods: 'norm_filter' is not one of"):
         config.resolve({"type": "synthetic", "is_poison": False, "aggregation_methods": "norm_filter"})
+
+
+def test_a_rule_returning_numbers_it_did_not_declare_is_told_which(tmp_path):
+    """Undeclared stats would be dropped from the records without a word: the rule's author is
+    told instead."""
+    import defense
+
+    plugin = tmp_path / "loose_rule.py"
+    plugin.write_text(ABOVE_MEAN_RULE.replace('"below_mean_norm", metric_columns=["mean_norm"]',
+                                              '"loose_rule", metric_columns=[]'))
+    config.load_plugins([str(plugin)])
+    g = {"w": torch.zeros(2)}
+    updates = [{"w": torch.tensor([n, 0.0])} for n in (1.0, 2.0, 3.0)]
+    params = {"lr_para": 1.0, "no_models": 3, "aggregation_methods": "loose_rule"}
+    with pytest.raises(ValueError, match="rule 'loose_rule' returned stats mean_norm that its registration "
+                                         "does not declare in metric_columns"):
+        defense.aggregate(g, updates, [1] * 3, defense.RoundContext(params, ["w"], None, [0, 1, 2]))
