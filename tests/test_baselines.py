@@ -11,7 +11,7 @@ import torch
 import defense
 import helper
 from conftest import DEVICE, run_main, write_yaml
-from defenses import SERVER_RULES, RuleContext, reweighting, robust_rules
+from defenses import SERVER_RULES, RuleContext, robust_rules
 
 PARAMS = {"lr_para": 1.0, "no_models": 5, "robust_f": 1, "multi_krum_m": None, "trim_fraction": 0.2,
           "rfa_iterations": 200, "rfa_smoothing": 1e-9, "clip_norm": 1.0, "dp_sigma": 0.0,

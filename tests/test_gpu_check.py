@@ -1,7 +1,6 @@
 """The prepared GPU check rehearses on the CPU (synthetic data, tiny budget), so it cannot rot
 before a GPU runs it; and without CUDA the real check stops at once with one line."""
 
-import csv
 import json
 import os
 import subprocess

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import defense
-from defenses import reweighting, robust_rules
+from defenses import reweighting
 from test_baselines import call, ctx, matrix
 
 
