@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import yaml  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,6 +166,7 @@ def plot(attack, runs, out_path):
         ax_ma.plot(rounds, [r["main_acc"] for r in rows], label=defense, lw=width)
     for ax, name in ((ax_ba, "BA (%)"), (ax_ma, "MA (%)")):
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)

@@ -309,6 +309,7 @@ def plot(grid, rows, path, over="seed"):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in grid["axes"] if k != over]
     series = {}
@@ -323,6 +324,7 @@ def plot(grid, rows, path, over="seed"):
         ax.plot(rounds, means, label=group)
         ax.fill_between(rounds, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("BA (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
