@@ -4,6 +4,7 @@ machine or on a Ray cluster, and gather their results.
     python experiments/sweep.py experiments/grids/fmnist_defenses.yaml             # local Ray
     python experiments/sweep.py GRID --address ray-head:6379                         # a cluster
     python experiments/sweep.py GRID --report                                        # tables only
+    python experiments/sweep.py GRID --only _defense=none,flame --cpus 1             # some cells, one core
 
 A grid file (YAML):
 
@@ -155,6 +156,25 @@ def run_cell(command, run_dir):
     return code, error, round(time.time() - start, 1)
 
 
+def parse_only(grid, specs):
+    """`--only KEY=V1,V2` (repeatable) -> {KEY: {"V1", "V2"}}; the key must be one of the grid's."""
+    known = list(dict.fromkeys(list(grid["axes"]) + [k for c in grid["cells"] for k in c]))
+    only = {}
+    for spec in specs or []:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise GridError(f"--only {spec}: expected KEY=VALUE[,VALUE...]")
+        if key not in known:
+            raise GridError(f"--only {spec}: '{key}' is not a key of the grid's cells ({', '.join(known)})")
+        only.setdefault(key, set()).update(values.split(","))
+    return only
+
+
+def selected(cell, only):
+    """Whether a cell has, for every key of `only`, one of its values."""
+    return all(key in cell and str(cell[key]) in values for key, values in only.items())
+
+
 def plan(grid):
     """[(name, cell, run folder, finished)] for every cell of the grid."""
     out = []
@@ -176,13 +196,15 @@ def progress_line(done, running, failed, left, durations, slots):
     return f"cells: {done} done, {running} running, {failed} failed, {left} waiting{eta}"
 
 
-def run_sweep(grid, address=None):
-    """Run the grid's unfinished cells as Ray tasks; returns {name: (code, error, seconds)}."""
+def run_sweep(grid, address=None, only=None, cpus=None):
+    """Run the grid's unfinished cells (those `only` selects) as Ray tasks, on at most `cpus` CPUs of
+    this machine (default: all); returns {name: (code, error, seconds)}."""
     import ray
 
-    cells = plan(grid)
+    cells = [p for p in plan(grid) if selected(p[1], only or {})]
     todo = [(n, c, d) for n, c, d, finished in cells if not finished]
-    logger.info("%d cells, %d finished already, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    logger.info("%d cells%s, %d finished already, %d to run", len(cells), " selected" if only else "",
+                len(cells) - len(todo), len(todo))
     outcome = {}
     for name, cell, run_dir in list(todo):
         if rounds_done(run_dir) and not os.path.isfile(os.path.join(run_dir, "checkpoint_full.pt")):
@@ -195,7 +217,7 @@ def run_sweep(grid, address=None):
     res = grid["resources"]
     cpus, gpus = int(res.get("cpus", 1)), float(res.get("gpus", 0))
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             **({} if address else {"num_cpus": os.cpu_count()}))
+             **({} if address else {"num_cpus": cpus or os.cpu_count()}))
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # ray.init installed its own
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -359,17 +381,26 @@ def main(argv=None):
     p.add_argument("grid", help="the grid file (YAML)")
     p.add_argument("--address", help="join this Ray cluster (default: start Ray on this machine)")
     p.add_argument("--report", action="store_true", help="only gather the results and write the report")
+    p.add_argument("--only", action="append", metavar="KEY=V1,V2",
+                   help="run only the cells with one of these values of KEY (repeatable: all must hold); "
+                        "the report still covers every cell")
+    p.add_argument("--cpus", type=int, help="use at most this many CPUs of this machine (default: all)")
     args = p.parse_args(argv)
     try:
         grid = load_grid(args.grid)
+        if args.cpus is not None and (args.cpus < 1 or args.address):
+            raise GridError("--cpus must be at least 1, and is for this machine (not with --address)")
+        only = parse_only(grid, args.only)
         os.makedirs(os.path.join(grid["out"], "cells"), exist_ok=True)
+        if not any(selected(c, only) for c in expand(grid)):
+            raise GridError("--only " + " ".join(args.only) + " selects no cell of the grid")
         plan(grid)
     except (GridError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(grid["out"], "sweep.log"))])
-    outcome = {} if args.report else run_sweep(grid, args.address)
+    outcome = {} if args.report else run_sweep(grid, args.address, only, args.cpus)
     finish(grid)
     failed = {n: o for n, o in outcome.items() if o[0] != 0}
     for name, (code, error, _) in failed.items():

@@ -111,3 +111,25 @@ def test_a_cell_with_rounds_but_no_checkpoint_is_reported_not_restarted(tmp_path
     outcome = sweep.run_sweep(grid)
     assert outcome["seed-1"][0] == 2 and "has rounds up to 201 but no resume checkpoint" in outcome["seed-1"][1]
     assert (folder / "metrics.csv").read_text() == "round,main_acc\n201,80\n"
+
+
+def test_only_selects_cells_by_their_values_and_names_a_wrong_key(tmp_path):
+    grid = {"params": "utils/fashion_mnist.yaml", "out": str(tmp_path), "fixed": {"epochs": 203},
+            "axes": {"attack_mode": ["single_shot", "continuous"], "_defense": ["none", "flip", "flame"]},
+            "cells": [{"seed": 4}], "when": {}, "resources": {}}
+    only = sweep.parse_only(grid, ["_defense=none,flame", "attack_mode=continuous"])
+    assert only == {"_defense": {"none", "flame"}, "attack_mode": {"continuous"}}
+    names = [sweep.cell_name(c) for c in sweep.expand(grid) if sweep.selected(c, only)]
+    assert names == ["continuous__none", "continuous__flame"]
+    assert [sweep.cell_name(c) for c in sweep.expand(grid) if sweep.selected(c, sweep.parse_only(grid, ["seed=4"]))] \
+        == ["seed-4"]
+    with pytest.raises(sweep.GridError, match="'defense' is not a key of the grid's cells"):
+        sweep.parse_only(grid, ["defense=none"])
+    with pytest.raises(sweep.GridError, match="expected KEY=VALUE"):
+        sweep.parse_only(grid, ["_defense"])
+    # a selection with no cell is an error before anything runs, and nothing of the selection's
+    # complement is run: a finished-looking folder outside it is not touched
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump(grid))
+    assert sweep.main([str(grid_path), "--only", "_defense=krum"]) == 2
+    assert not (tmp_path / "sweep.log").exists()
