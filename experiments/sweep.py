@@ -196,8 +196,8 @@ def progress_line(done, running, failed, left, durations, slots):
     return f"cells: {done} done, {running} running, {failed} failed, {left} waiting{eta}"
 
 
-def run_sweep(grid, address=None, only=None, cpus=None):
-    """Run the grid's unfinished cells (those `only` selects) as Ray tasks, on at most `cpus` CPUs of
+def run_sweep(grid, address=None, only=None, max_cpus=None):
+    """Run the grid's unfinished cells (those `only` selects) as Ray tasks, on at most `max_cpus` CPUs of
     this machine (default: all); returns {name: (code, error, seconds)}."""
     import ray
 
@@ -217,7 +217,7 @@ def run_sweep(grid, address=None, only=None, cpus=None):
     res = grid["resources"]
     cpus, gpus = int(res.get("cpus", 1)), float(res.get("gpus", 0))
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             **({} if address else {"num_cpus": cpus or os.cpu_count()}))
+             **({} if address else {"num_cpus": max_cpus or os.cpu_count()}))
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # ray.init installed its own
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))

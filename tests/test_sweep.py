@@ -127,9 +127,30 @@ def test_only_selects_cells_by_their_values_and_names_a_wrong_key(tmp_path):
         sweep.parse_only(grid, ["defense=none"])
     with pytest.raises(sweep.GridError, match="expected KEY=VALUE"):
         sweep.parse_only(grid, ["_defense"])
-    # a selection with no cell is an error before anything runs, and nothing of the selection's
-    # complement is run: a finished-looking folder outside it is not touched
+    # a selection with no cell is an error before anything runs
     grid_path = tmp_path / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     assert sweep.main([str(grid_path), "--only", "_defense=krum"]) == 2
     assert not (tmp_path / "sweep.log").exists()
+
+
+class RayStop(Exception):
+    pass
+
+
+def test_cpus_caps_the_local_ray_and_its_default_is_every_core(tmp_path, monkeypatch):
+    """`--cpus` reaches ray.init (not the per-cell `resources: cpus`, which is another number)."""
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs.get("num_cpus"))
+        raise RayStop
+
+    monkeypatch.setitem(sys.modules, "ray", type(sys)("ray"))
+    sys.modules["ray"].init = init
+    grid = {"params": "utils/fashion_mnist.yaml", "out": str(tmp_path), "fixed": {"epochs": 203},
+            "axes": {"seed": [1]}, "cells": [], "when": {}, "resources": {"cpus": 1}}
+    for max_cpus in (3, None):
+        with pytest.raises(RayStop):
+            sweep.run_sweep(grid, max_cpus=max_cpus)
+    assert seen == [3, os.cpu_count()]
