@@ -5,6 +5,7 @@ import datetime
 import logging
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -77,6 +78,33 @@ def finished_round(run_dir, params):
     return last if last >= params["epochs"] else None
 
 
+# The exit code of a run stopped on request before its last round: resumable, not finished.
+STOPPED = 3
+
+
+class StopRequest:
+    """While held, SIGUSR1 asks the run to stop after the round in progress, once that round's
+    resume checkpoint is written: `kill -USR1 <pid>`, or a batch scheduler's warning signal
+    (Slurm: `--signal=USR1@600`), ends a run without losing the round it is in."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _request(self, signum, frame):
+        self.requested = True
+        logging.getLogger("main").info("SIGUSR1: stopping after the round in progress")
+
+    def __enter__(self):
+        if hasattr(signal, "SIGUSR1"):
+            self.previous = signal.signal(signal.SIGUSR1, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self.previous)
+
+
 def has_rounds(run_dir):
     path = os.path.join(run_dir, "metrics.csv")
     return os.path.isfile(path) and len(helper.read_csv(path)) > 0
@@ -136,13 +164,17 @@ def run_in_folder(args, params, run_dir, device):
     helper.setup_logging(run_dir)
     logger.info("run folder %s on %s (%d CPU threads)", run_dir, device, torch.get_num_threads())
     try:
-        summary = train.run(params, run_dir, device, resume=bool(args.resume))
+        with StopRequest() as stop:
+            summary = train.run(params, run_dir, device, resume=bool(args.resume),
+                                stop_requested=lambda: stop.requested)
     except DataError as e:
         logger.error("%s", e)
         return 1
     except (helper.CheckpointError, run_folder.RunFolderError) as e:
         logger.error("%s", e)
         return 2
+    if summary is None:
+        return STOPPED
     logger.info("done: %s", {k: summary[k] for k in ("peak_backdoor_acc", "total_seconds") if k in summary})
     return 0
 

@@ -259,8 +259,9 @@ def ensure_start_model(params, run_dir, device):
     logger.info("start model ready: %s", path)
 
 
-def run(params, run_dir, device, resume=False):
-    """Run (or resume) an experiment in ``run_dir``; returns the summary dict."""
+def run(params, run_dir, device, resume=False, stop_requested=lambda: False):
+    """Run (or resume) an experiment in ``run_dir``; returns the summary dict, or None when
+    ``stop_requested()`` turned true and the run stopped after a round, before its last."""
     if not resume:
         ensure_start_model(params, run_dir, device)
     fed = Federation(params, run_dir, device)
@@ -297,9 +298,15 @@ def run(params, run_dir, device, resume=False):
             helper.save_reference_checkpoint(os.path.join(run_dir, f"model_last.pt.tar.epoch_{round_no}"),
                                              fed.global_state, round_no, params["lr"])
         helper.save_full_checkpoint(fed.state(), ckpt_path)
+        if round_no < params["epochs"] and stop_requested():
+            logger.info("stopped on request after round %d, its checkpoint written; continue with: "
+                        "python main.py --resume %s", round_no, run_dir)
+            break
     helper.plot_metrics(metrics_path, os.path.join(run_dir, "metrics.png"),
                         f"{params['type']} · {params['aggregation_methods']}"
                         f"{' + ' + fed.client_defense.label if fed.client_defense else ''}")
+    if fed.last_round < params["epochs"]:
+        return None
     return helper.write_summary(run_dir, metrics_path, {
         "dataset": params["type"], "aggregation": params["aggregation_methods"],
         "invert": params["invert"], "attack": params["attack"], "attack_mode": params["attack_mode"],

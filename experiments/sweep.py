@@ -26,7 +26,8 @@ A grid file (YAML):
 Each cell is an ordinary `main.py` run in `<out>/cells/<cell>/`. Running the same command again
 continues the sweep: finished cells are skipped, a cell with a resume checkpoint continues from
 it, a failed cell is reported with its error and does not stop the others. Ctrl-C (or SIGTERM)
-stops every cell (each keeps its last checkpoint). `<out>/sweep.log` has the progress; `results.csv` (a row
+stops every cell (each keeps its last checkpoint); SIGUSR1 to a cell's main.py
+(`pkill -USR1 -f "main.py.*<out>/cells"`) stops it after its round in progress (exit 3 if any was). `<out>/sweep.log` has the progress; `results.csv` (a row
 per cell and round) and `report.md` (mean ± std over seeds) are written at the end.
 """
 
@@ -47,6 +48,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import helper  # noqa: E402
+from main import STOPPED  # noqa: E402
 logger = logging.getLogger("sweep")
 
 
@@ -189,11 +191,12 @@ def plan(grid):
     return out
 
 
-def progress_line(done, running, failed, left, durations, slots):
+def progress_line(done, running, failed, left, durations, slots, stopped=0):
     eta = ""
     if durations and (running or left):
         eta = f", about {sum(durations) / len(durations) * (running + left) / max(slots, 1):.0f} s left"
-    return f"cells: {done} done, {running} running, {failed} failed, {left} waiting{eta}"
+    return (f"cells: {done} done, {running} running, {failed} failed, "
+            f"{f'{stopped} stopped, ' if stopped else ''}{left} waiting{eta}")
 
 
 def run_sweep(grid, address=None, only=None, max_cpus=None):
@@ -221,6 +224,7 @@ def run_sweep(grid, address=None, only=None, max_cpus=None):
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # ray.init installed its own
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    folders = {n: d for n, c, d in todo}
     refs = {task.remote(cell_command(grid, c, d, cpus), os.path.abspath(d)): n for n, c, d in todo}
     durations, last_report = [], 0.0
     try:
@@ -230,15 +234,21 @@ def run_sweep(grid, address=None, only=None, max_cpus=None):
                 name = refs.pop(ref)
                 outcome[name] = ray.get(ref)
                 code, error, seconds = outcome[name]
-                durations.append(seconds)
                 if code == 0:
+                    durations.append(seconds)
                     logger.info("cell %s done in %.0f s", name, seconds)
+                elif code == STOPPED:
+                    logger.warning("cell %s stopped on request after round %d; run the same command to continue",
+                                   name, rounds_done(folders[name]))
                 else:
+                    durations.append(seconds)
                     logger.error("cell %s failed (exit %s): %s", name, code, error)
             if ready or time.time() - last_report > 60:
-                failed = sum(1 for c, _, _ in outcome.values() if c != 0)
+                stopped = sum(1 for c, _, _ in outcome.values() if c == STOPPED)
+                failed = sum(1 for c, _, _ in outcome.values() if c not in (0, STOPPED))
                 running = min(len(refs), slots)
-                logger.info(progress_line(len(outcome) - failed, running, failed, len(refs) - running, durations, slots))
+                logger.info(progress_line(len(outcome) - failed - stopped, running, failed, len(refs) - running,
+                                          durations, slots, stopped))
                 last_report = time.time()
     except KeyboardInterrupt:
         logger.warning("interrupted: stopping %d cell(s); each keeps its last checkpoint, run the same "
@@ -402,10 +412,13 @@ def main(argv=None):
                         handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(grid["out"], "sweep.log"))])
     outcome = {} if args.report else run_sweep(grid, args.address, only, args.cpus)
     finish(grid)
-    failed = {n: o for n, o in outcome.items() if o[0] != 0}
+    failed = {n: o for n, o in outcome.items() if o[0] not in (0, STOPPED)}
     for name, (code, error, _) in failed.items():
         logger.error("failed: %s (exit %s): %s", name, code, error)
-    return 1 if failed else 0
+    stopped = [n for n, o in outcome.items() if o[0] == STOPPED]
+    if stopped:
+        logger.warning("stopped on request, resumable: %s", ", ".join(stopped))
+    return 1 if failed else STOPPED if stopped else 0
 
 
 if __name__ == "__main__":

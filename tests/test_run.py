@@ -84,6 +84,37 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkey
         assert a.read() == b.read()
 
 
+def test_sigusr1_stops_after_the_round_in_progress_and_the_resume_matches(tmp_path, synthetic_yaml, monkeypatch):
+    import signal
+
+    import main
+
+    path = synthetic_yaml({"epochs": 4})
+    full = tmp_path / "full"
+    assert run_main("--params", path, "--run-dir", full, "--device", DEVICE).returncode == 0
+    stopped = tmp_path / "stopped"
+    original = train.Federation.run_round
+
+    def asks_to_stop_in_round_2(self, round_no):
+        if round_no == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, round_no)
+
+    monkeypatch.setattr(train.Federation, "run_round", asks_to_stop_in_round_2)
+    before = signal.getsignal(signal.SIGUSR1)
+    assert main.main(["--params", path, "--run-dir", str(stopped), "--device", DEVICE]) == main.STOPPED
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert [int(r["round"]) for r in read_metrics(stopped)] == [1, 2]
+    assert torch.load(stopped / "checkpoint_full.pt", weights_only=False)["round"] == 2
+    assert not (stopped / "summary.json").exists() and (stopped / "metrics.png").exists()
+    assert f"stopped on request after round 2, its checkpoint written; continue with: python main.py --resume {stopped}" \
+        in (stopped / "log.txt").read_text()
+    result = run_main("--resume", stopped, "--device", DEVICE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_metrics(stopped) == read_metrics(full)
+
+
 @pytest.mark.slow
 def test_resumed_model_checkpoint_sets_first_round(tmp_path, synthetic_yaml):
     first = tmp_path / "first"

@@ -154,3 +154,48 @@ def test_cpus_caps_the_local_ray_and_its_default_is_every_core(tmp_path, monkeyp
         with pytest.raises(RayStop):
             sweep.run_sweep(grid, max_cpus=max_cpus)
     assert seen == [3, os.cpu_count()]
+
+
+def fake_ray():
+    """A stand-in for ray that runs each task at once, in this process."""
+    ray = type(sys)("ray")
+    ray.init = lambda **kwargs: None
+    ray.shutdown = lambda: None
+    ray.cluster_resources = lambda: {"CPU": 2}
+    ray.get = lambda ref: ref[1]
+    ray.wait = lambda refs, num_returns, timeout: (refs[:num_returns], refs[num_returns:])
+
+    def remote(fn):
+        task = type(sys)("task")
+        task.options = lambda **kwargs: task
+        task.remote = lambda *args: (len(calls), calls.append(args) or fn(*args))
+        return task
+
+    calls = []
+    ray.remote = remote
+    return ray
+
+
+def test_a_cell_stopped_on_request_is_reported_resumable_not_failed(tmp_path, monkeypatch, caplog):
+    grid = {"params": "utils/fashion_mnist.yaml", "out": str(tmp_path), "fixed": {"epochs": 203},
+            "axes": {"seed": [1, 2, 3]}, "cells": [], "when": {}, "resources": {"cpus": 1}}
+    (tmp_path / "cells" / "seed-2").mkdir(parents=True)
+    (tmp_path / "cells" / "seed-2" / "metrics.csv").write_text("round,main_acc\n201,80\n202,81\n")
+    (tmp_path / "cells" / "seed-2" / "checkpoint_full.pt").write_text("")
+    codes = {"seed-1": (0, "", 5.0), "seed-2": (sweep.STOPPED, "", 3.0), "seed-3": (1, "error: boom", 4.0)}
+    monkeypatch.setitem(sys.modules, "ray", fake_ray())
+    monkeypatch.setattr(sweep, "run_cell", lambda command, run_dir: codes[os.path.basename(run_dir)])
+    caplog.set_level("INFO", logger="sweep")
+    outcome = sweep.run_sweep(grid)
+    assert outcome == codes
+    assert "cell seed-2 stopped on request after round 202; run the same command to continue" in caplog.text
+    assert "cell seed-3 failed (exit 1): error: boom" in caplog.text
+    assert "cells: 1 done, 0 running, 1 failed, 1 stopped, 0 waiting" in caplog.text
+    # stopped cells alone end with the stop's exit code, a failure outranks them
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args: {"seed-1": codes["seed-1"], "seed-2": codes["seed-2"]})
+    monkeypatch.setattr(sweep, "finish", lambda grid: None)
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump(grid))
+    assert sweep.main([str(grid_path)]) == sweep.STOPPED
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args: codes)
+    assert sweep.main([str(grid_path)]) == 1
