@@ -73,3 +73,46 @@ def test_the_run_plot_draws_ma_and_ba_per_round(tmp_path):
     empty.write_text("round,main_acc,backdoor_acc,main_acc_raw,backdoor_acc_raw\n")
     helper.plot_metrics(str(empty), str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
+
+
+def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(monkeypatch):
+    import torch.nn.functional as F
+
+    import models.mnist_net as mnist_net
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 25, 24, generator=g)  # odd height: max_pool2d drops the last row
+    x[:, :, :8] = 0.5  # ties
+    x[:, 0, 8:12] = torch.tensor([0.0, -0.0]).repeat(12)  # ties of signed zeros
+    x[1, 1, 9, 3] = float("nan")
+    ref = F.max_pool2d(x, 2, 2)
+    with torch.no_grad():
+        fast = mnist_net.max_pool_2x2(x)
+    assert fast.shape == ref.shape == (5, 3, 12, 12) and fast.stride() == ref.stride()
+    assert torch.equal(fast.isnan(), ref.isnan()) and fast.isnan().sum() == 1
+    assert torch.equal(fast.nan_to_num(), ref.nan_to_num())  # equal values, a zero's sign aside
+    # with autograd it is max_pool2d itself: the gradient of a tie goes to the window's first element
+    xr = x.nan_to_num().requires_grad_(True)
+    grad_out = torch.randn(ref.shape, generator=g)
+    (mnist_net.max_pool_2x2(xr) * grad_out).sum().backward()
+    first = torch.zeros(5, 3, 8, 24)
+    first[:, :, 0::2, 0::2] = grad_out[:, :, :4]
+    assert torch.equal(xr.grad[:, :, :8], first)
+    # a channels-last tensor (FLIP's frozen copies) keeps max_pool2d and its layout
+    cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert mnist_net.max_pool_2x2(cl).stride() == F.max_pool2d(cl, 2, 2).stride()
+
+    # the model's logits are the same bits: a zero's sign never reaches a nonzero number
+    torch.manual_seed(1)
+    model = mnist_net.MnistNet().eval()
+    with torch.no_grad():
+        model.conv1.bias.zero_()
+        model.conv2.bias.zero_()  # blank regions then give signed zeros at both poolings
+    images = torch.zeros(64, 1, 28, 28)
+    images[:48].view(48, -1)[:, torch.randperm(784, generator=g)[:200]] = torch.rand(48, 200, generator=g)
+    with torch.no_grad():
+        fast_logits = model(images)
+        monkeypatch.setattr(mnist_net, "max_pool_2x2", lambda t: F.max_pool2d(t, 2, 2))
+        ref_logits = model(images)
+    assert torch.equal(fast_logits.view(torch.int32), ref_logits.view(torch.int32))
