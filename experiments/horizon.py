@@ -88,16 +88,16 @@ def summary_table(cells, last_round):
     ends = [r for r in (last_attack_round(p) for p in single.values()) if r is not None]
     after_attacks = (max(ends) if ends else 0) + 1
     lines = [f"| attack | defense | rounds | clean BA | recovery round | mean BA from {after_attacks} | BA last | "
-             "MA last | MA vs none |", "|---|---|---|---|---|---|---|---|---|"]
+             "MA last | MA vs none | MA raw last | raw MA vs none |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     clean = {d: rows[0]["backdoor_acc"] for d, rows in
              ((d, read_csv(os.path.join(p, "metrics.csv"))) for d, p in single.items()) if rows}
     for attack, runs in cells.items():
         none_rows = read_csv(os.path.join(runs.get("none", ""), "metrics.csv"))
-        none_ma = {int(r["round"]): r["main_acc"] for r in none_rows}
+        none_ma = {int(r["round"]): (r["main_acc"], r["main_acc_raw"]) for r in none_rows}
         for defense, path in runs.items():
             rows = read_csv(os.path.join(path, "metrics.csv"))
             if not rows:
-                lines.append(f"| {attack} | {defense} | not run | | | | | | |")
+                lines.append(f"| {attack} | {defense} | not run | | | | | | | | |")
                 continue
             last = rows[-1]
             reached = int(last["round"])
@@ -105,7 +105,10 @@ def summary_table(cells, last_round):
             after = last_attack_round(path) if attack == "single_shot" else int(rows[0]["round"])
             recovered = recovery_round(rows, level, after) if level is not None else None
             note = "" if reached >= last_round else " so far"
-            cost = f"{last['main_acc'] - none_ma[reached]:+.2f}" if reached in none_ma else ""
+            cost = raw_cost = ""
+            if reached in none_ma:
+                cost = f"{last['main_acc'] - none_ma[reached][0]:+.2f}"
+                raw_cost = f"{last['main_acc_raw'] - none_ma[reached][1]:+.2f}"
             mean = mean_ba(rows, after_attacks)
             if recovered:
                 recovery = f"{recovered}{note}"
@@ -113,7 +116,7 @@ def summary_table(cells, last_round):
                 recovery = "not yet" if reached < last_round else "never"
             row = [attack, defense, f"{int(rows[0]['round'])}-{reached}", number(level), recovery,
                    number(mean) + (note if mean is not None else ""), number(last["backdoor_acc"]),
-                   number(last["main_acc"]), cost]
+                   number(last["main_acc"]), cost, number(last["main_acc_raw"]), raw_cost]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ BA = {("single_shot", "none"): [1.0, 50, 40, 90, 80, 99, 98, 99.5, 99, 98, 97, 9
       ("continuous", "none"): [5, 9, 12, 15, 18, 20, 22, 25, 27, 30, 33, 35],
       ("continuous", "flip"): [2, 3, 3.6, 3.5, 3.0, 2.0, 1.0, 3.5, 3.5, 3.4, 3.2, 3.1]}
 MA = {"none": 80.0, "flip": 77.5}
+MA_RAW = {"none": 81.0, "flip": 80.25}
 
 
 def write_cell(folder, attack, defense):
@@ -29,13 +30,13 @@ def write_cell(folder, attack, defense):
                        "3_poison_epochs": [208], "internal_poison_epochs": 20})
     with open(os.path.join(folder, "params.yaml"), "w") as f:
         yaml.safe_dump(params, f)
-    columns = ["round", "main_acc", "backdoor_acc", "backdoor_acc_raw", "ba_trigger_0", "attackers_selected",
+    columns = ["round", "main_acc", "main_acc_raw", "backdoor_acc", "backdoor_acc_raw", "ba_trigger_0", "attackers_selected",
                "flip_stamped_to_target", "seconds"]
     with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r, ba in zip(ROUNDS, BA[attack, defense]):
-            writer.writerow([r, MA[defense], ba, ba, ba, 1, 3, 1.0])
+            writer.writerow([r, MA[defense], MA_RAW[defense], ba, ba, ba, 1, 3, 1.0])
     with open(os.path.join(folder, "clients.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["round", "client_id", "is_attacker", "update_norm"])
@@ -59,7 +60,7 @@ def summary_rows(text):
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[0] in ("single_shot", "continuous"):
+        if len(cells) == 11 and cells[0] in ("single_shot", "continuous"):
             rows[cells[0], cells[1]] = cells
     return rows
 
@@ -75,7 +76,7 @@ def test_recovery_round_and_mean_ba_have_their_hand_worked_values(grid, tmp_path
     # continuous FLIP against its defense's clean level 1.5: 3.6 at 203 is above, then all <= 3.5
     assert rows["continuous", "flip"][4] == "204"
     assert rows["continuous", "none"][4] == "never"
-    assert rows["single_shot", "flip"][8] == f"{77.5 - 80.0:+.2f}"
+    assert rows["single_shot", "flip"][8:] == [f"{77.5 - 80.0:+.2f}", "80.25", f"{80.25 - 81.0:+.2f}"]
     assert (tmp_path / "sweep" / "horizon_single_shot.png").exists()
     table = text[text.index("## single_shot: FLIP"):]
     assert "| 212 | 1 | 77.50 | 80.00 | 3.00 | 3.00 | 96.00 | 3.00 | 3 | 50.0 % |" in table  # norm share 3 / (3+1+2)
