@@ -93,7 +93,7 @@ def summary_table(cells, last_round):
              ((d, read_csv(os.path.join(p, "metrics.csv"))) for d, p in single.items()) if rows}
     for attack, runs in cells.items():
         none_rows = read_csv(os.path.join(runs.get("none", ""), "metrics.csv"))
-        none_ma = {int(r["round"]): (r["main_acc"], r["main_acc_raw"]) for r in none_rows}
+        none_by_round = {int(r["round"]): r for r in none_rows}
         for defense, path in runs.items():
             rows = read_csv(os.path.join(path, "metrics.csv"))
             if not rows:
@@ -106,9 +106,9 @@ def summary_table(cells, last_round):
             recovered = recovery_round(rows, level, after) if level is not None else None
             note = "" if reached >= last_round else " so far"
             cost = raw_cost = ""
-            if reached in none_ma:
-                cost = f"{last['main_acc'] - none_ma[reached][0]:+.2f}"
-                raw_cost = f"{last['main_acc_raw'] - none_ma[reached][1]:+.2f}"
+            if reached in none_by_round:
+                cost = f"{last['main_acc'] - none_by_round[reached]['main_acc']:+.2f}"
+                raw_cost = f"{last['main_acc_raw'] - none_by_round[reached]['main_acc_raw']:+.2f}"
             mean = mean_ba(rows, after_attacks)
             if recovered:
                 recovery = f"{recovered}{note}"

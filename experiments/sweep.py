@@ -27,8 +27,9 @@ Each cell is an ordinary `main.py` run in `<out>/cells/<cell>/`. Running the sam
 continues the sweep: finished cells are skipped, a cell with a resume checkpoint continues from
 it, a failed cell is reported with its error and does not stop the others. Ctrl-C (or SIGTERM)
 stops every cell (each keeps its last checkpoint); SIGUSR1 to a cell's main.py
-(`pkill -USR1 -f "main.py.*<out>/cells"`) stops it after its round in progress (exit 3 if any was). `<out>/sweep.log` has the progress; `results.csv` (a row
-per cell and round) and `report.md` (mean ± std over seeds) are written at the end.
+(`pkill -USR1 -f "main.py.*<out>/cells"`) stops it after its round in progress (the sweep then
+exits 3). `<out>/sweep.log` has the progress; `results.csv` (a row per cell and round) and
+`report.md` (mean ± std over seeds) are written at the end.
 """
 
 import argparse
@@ -234,14 +235,14 @@ def run_sweep(grid, address=None, only=None, max_cpus=None):
                 name = refs.pop(ref)
                 outcome[name] = ray.get(ref)
                 code, error, seconds = outcome[name]
-                if code == 0:
-                    durations.append(seconds)
-                    logger.info("cell %s done in %.0f s", name, seconds)
-                elif code == STOPPED:
+                if code == STOPPED:  # a part of a cell's time: not a duration for the estimate
                     logger.warning("cell %s stopped on request after round %d; run the same command to continue",
                                    name, rounds_done(folders[name]))
+                    continue
+                durations.append(seconds)
+                if code == 0:
+                    logger.info("cell %s done in %.0f s", name, seconds)
                 else:
-                    durations.append(seconds)
                     logger.error("cell %s failed (exit %s): %s", name, code, error)
             if ready or time.time() - last_report > 60:
                 stopped = sum(1 for c, _, _ in outcome.values() if c == STOPPED)

@@ -30,8 +30,8 @@ def write_cell(folder, attack, defense):
                        "3_poison_epochs": [208], "internal_poison_epochs": 20})
     with open(os.path.join(folder, "params.yaml"), "w") as f:
         yaml.safe_dump(params, f)
-    columns = ["round", "main_acc", "main_acc_raw", "backdoor_acc", "backdoor_acc_raw", "ba_trigger_0", "attackers_selected",
-               "flip_stamped_to_target", "seconds"]
+    columns = ["round", "main_acc", "main_acc_raw", "backdoor_acc", "backdoor_acc_raw", "ba_trigger_0",
+               "attackers_selected", "flip_stamped_to_target", "seconds"]
     with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
