@@ -9,15 +9,20 @@ import torch
 
 from image_helper import stamp
 
+CPU_CHUNK = 128
+
 
 @torch.no_grad()
 def predict(model, x, batch_size, mask=None):
     """Predicted labels and their softmax confidence for images ``x``, stamped with ``mask`` if
-    given."""
+    given. On a CPU a forward pass takes at most ``CPU_CHUNK`` images, fewer than the usual
+    ``test_batch_size``: the same numbers (an image's logits do not depend on the others in its
+    batch), faster, because the first convolution's output then stays in the cache."""
     was_training = model.training
     model.eval()
+    step = batch_size if x.device.type != "cpu" else min(batch_size, CPU_CHUNK)
     preds, confs = [], []
-    for xb in x.split(batch_size):
+    for xb in x.split(step):
         if mask is not None:
             xb = stamp(xb, mask)
         conf, pred = model(xb).softmax(dim=1).max(dim=1)

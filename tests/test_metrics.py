@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from image_helper import FederatedData, trigger_mask
-from test import evaluate, score
+from test import CPU_CHUNK, evaluate, predict, score
 
 
 class PixelRule(nn.Module):
@@ -116,3 +116,25 @@ def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(mo
         monkeypatch.setattr(mnist_net, "max_pool_2x2", lambda t: F.max_pool2d(t, 2, 2))
         ref_logits = model(images)
     assert torch.equal(fast_logits.view(torch.int32), ref_logits.view(torch.int32))
+
+
+def test_cpu_evaluation_in_chunks_gives_the_whole_batch_predictions_bit_for_bit():
+    import models.mnist_net as mnist_net
+    from image_helper import stamp
+
+    torch.manual_seed(2)
+    model = mnist_net.MnistNet().train()
+    x = torch.rand(2 * CPU_CHUNK + 44, 1, 28, 28)
+    mask = trigger_mask([[0, 0], [0, 1], [5, 7]], 28, 28)
+    sizes = []
+    model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    pred, conf = predict(model, x, 1000, mask)
+    assert sizes == [CPU_CHUNK, CPU_CHUNK, 44] and model.training
+    with torch.no_grad():
+        model.eval()
+        ref_conf, ref_pred = model(stamp(x, mask)).softmax(dim=1).max(dim=1)
+    assert torch.equal(pred, ref_pred)
+    assert torch.equal(conf.view(torch.int32), ref_conf.view(torch.int32))
+    sizes.clear()
+    predict(model, x[:100], 30)  # a smaller test_batch_size is kept
+    assert sizes == [30, 30, 30, 10]
