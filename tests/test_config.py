@@ -67,6 +67,35 @@ def test_attack_mode_switch_sets_schedule_scaling_and_threshold():
     assert attacks.attacker_rounds(explicit, 1)[1] == [4]
 
 
+def test_participants_are_the_scheduled_attackers_then_a_seeded_draw_from_everyone_else():
+    import collections
+
+    import train
+
+    params = config.resolve({**SYNTHETIC, "number_of_total_participants": 12, "no_models": 4,
+                             "adversary_list": [5, 7], "epochs": 500})
+    schedule = [[2], list(range(310, 410))]  # attacker 5 poisons in round 2, attacker 7 in 310-409
+    counts = collections.Counter()
+    for round_no in range(6, 306):  # no attacker scheduled: all 12 clients drawn alike
+        chosen = train.choose_participants(params, round_no, schedule)
+        assert len(chosen) == 4 == len(set(chosen)) and all(0 <= c < 12 for c in chosen)
+        counts.update(chosen)
+    # 300 rounds x 4 of 12: each client about 100 times (binomial sd ~8), attackers 5 and 7 too
+    assert sorted(counts) == list(range(12)) and min(counts.values()) > 70 and max(counts.values()) < 130
+    assert train.choose_participants(params, 2, schedule)[0] == 5
+    for round_no in range(310, 410):  # the scheduled attacker first, never drawn again
+        chosen = train.choose_participants(params, round_no, schedule)
+        assert chosen[0] == 7 and len(chosen) == 4 == len(set(chosen))
+    # seeded by (seed, round): the same round repeats, other rounds and seeds differ
+    assert train.choose_participants(params, 9, schedule) == train.choose_participants(params, 9, schedule)
+    assert len({tuple(train.choose_participants(params, r, schedule)) for r in range(6, 16)}) > 5
+    other_seed = {**params, "seed": params["seed"] + 1}
+    assert any(train.choose_participants(other_seed, r, schedule) != train.choose_participants(params, r, schedule)
+               for r in range(6, 16))
+    no_attack = {**params, "is_poison": False}  # no one is scheduled
+    assert train.choose_participants(no_attack, 350, schedule) == train.choose_participants(no_attack, 350, [[], []])
+
+
 def test_reference_yaml_loads_with_one_warning(tmp_path, caplog):
     """The authors' YAML key set (values as in their fashion_mnist.yaml) loads unchanged."""
     ckpt = tmp_path / "model_last.pt.tar.epoch_200"
