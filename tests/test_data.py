@@ -25,6 +25,21 @@ def test_dirichlet_split_is_non_iid_and_seeded():
     assert np.median(shares) > 0.3
 
 
+def test_dirichlet_split_has_the_spread_of_dirichlet_alpha_drawn_per_class():
+    # K clients, class shares ~ Dirichlet(alpha, ..., alpha): each share has mean 1/K and variance
+    # (1/K)(1 - 1/K)/(K alpha + 1); classes draw independently, so a client's total share over C
+    # classes has C times that variance (not C^2 times, as one draw for all classes would give).
+    n_classes, per_class, k = 200, 1000, 20
+    labels = np.repeat(np.arange(n_classes), per_class)
+    for alpha in (0.1, 10.0):
+        parts = dirichlet_split(labels, k, alpha, np.random.default_rng(4))
+        shares = np.stack([np.bincount(labels[p], minlength=n_classes) for p in parts], axis=1) / per_class
+        expected = (1 / k) * (1 - 1 / k) / (k * alpha + 1)
+        assert abs(shares.var() / expected - 1) < 0.25, (alpha, shares.var(), expected)
+        totals = shares.sum(axis=0)
+        assert 0.3 < totals.var() / (n_classes * expected) < 3, (alpha, totals.var())  # 20 clients: a rough estimate
+
+
 def test_iid_split_balanced():
     parts = iid_split(1000, 10, np.random.default_rng(0))
     assert sorted(len(p) for p in parts) == [100] * 10
