@@ -37,7 +37,8 @@ def test_dirichlet_split_has_the_spread_of_dirichlet_alpha_drawn_per_class():
         expected = (1 / k) * (1 - 1 / k) / (k * alpha + 1)
         assert abs(shares.var() / expected - 1) < 0.25, (alpha, shares.var(), expected)
         totals = shares.sum(axis=0)
-        assert 0.3 < totals.var() / (n_classes * expected) < 3, (alpha, totals.var())  # 20 clients: a rough estimate
+        # from 20 clients a rough estimate (0.4-1.8 of it over 20 seeds); one draw would give 200x
+        assert 0.3 < totals.var() / (n_classes * expected) < 3, (alpha, totals.var())
 
 
 def test_iid_split_balanced():
