@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from image_helper import FederatedData, trigger_mask
+from image_helper import FederatedData, stamp, trigger_mask
 from test import CPU_CHUNK, evaluate, predict, score
 
 
@@ -120,7 +120,6 @@ def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(mo
 
 def test_cpu_evaluation_in_chunks_gives_the_whole_batch_predictions_bit_for_bit():
     import models.mnist_net as mnist_net
-    from image_helper import stamp
 
     torch.manual_seed(2)
     model = mnist_net.MnistNet().train()
