@@ -2,6 +2,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import models.mnist_net as mnist_net
 from image_helper import FederatedData, stamp, trigger_mask
 from test import CPU_CHUNK, evaluate, predict, score
 
@@ -78,7 +79,6 @@ def test_the_run_plot_draws_ma_and_ba_per_round(tmp_path):
 def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(monkeypatch):
     import torch.nn.functional as F
 
-    import models.mnist_net as mnist_net
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 25, 24, generator=g)  # odd height: max_pool2d drops the last row
@@ -119,7 +119,6 @@ def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(mo
 
 
 def test_cpu_evaluation_in_chunks_gives_the_whole_batch_predictions_bit_for_bit():
-    import models.mnist_net as mnist_net
 
     torch.manual_seed(2)
     model = mnist_net.MnistNet().train()
