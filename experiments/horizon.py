@@ -34,6 +34,7 @@ sys.path.insert(0, HERE)
 import sweep  # noqa: E402
 
 TOLERANCE = 2.0
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar": "CIFAR-10"}
 
 
 def read_csv(path):
@@ -157,7 +158,16 @@ def flip_rounds_table(flip_dir, none_dir):
     return "\n".join(lines)
 
 
-def plot(attack, runs, out_path):
+def dataset_name(grid):
+    """The grid's dataset as a title says it: its fixed `type`, else the base YAML's."""
+    kind = grid["fixed"].get("type")
+    if kind is None:
+        with open(os.path.join(sweep.ROOT, grid["params"])) as f:
+            kind = (yaml.safe_load(f) or {}).get("type")
+    return DATASET_NAMES.get(kind, str(kind))
+
+
+def plot(attack, runs, dataset, out_path):
     fig, (ax_ba, ax_ma) = plt.subplots(1, 2, figsize=(12, 4.5))
     for defense, path in runs.items():
         rows = read_csv(os.path.join(path, "metrics.csv"))
@@ -175,7 +185,7 @@ def plot(attack, runs, out_path):
         ax.grid(alpha=0.3)
     if ax_ba.lines:
         ax_ba.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Fashion-MNIST to the authors' horizon, {attack.replace('_', '-')} DBA")
+    fig.suptitle(f"{dataset} to the authors' horizon, {attack.replace('_', '-')} DBA")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
@@ -188,13 +198,14 @@ def main(argv=None):
     grid = sweep.load_grid(args.grid)
     cells = cells_by_defense(grid)
     last_round = max(sweep.last_epoch(grid, cell) for cell in sweep.expand(grid))
-    parts = [f"# {os.path.basename(grid['out'])}: every defense to round {last_round}", "",
+    dataset = dataset_name(grid)
+    parts = [f"# {os.path.basename(grid['out'])}: {dataset}, every defense to round {last_round}", "",
              summary_table(cells, last_round), ""]
     for attack, runs in cells.items():
         if "flip" in runs and "none" in runs:
             parts += [f"## {attack}: FLIP against no defense, round by round", "",
                       flip_rounds_table(runs["flip"], runs["none"]), ""]
-        plot(attack, runs, os.path.join(grid["out"], f"horizon_{attack}.png"))
+        plot(attack, runs, dataset, os.path.join(grid["out"], f"horizon_{attack}.png"))
     path = os.path.join(grid["out"], "horizon.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))

@@ -90,3 +90,16 @@ def test_a_run_short_of_the_horizon_says_so(grid, tmp_path):
     rows = summary_rows((tmp_path / "sweep" / "horizon.md").read_text())
     assert rows["single_shot", "flip"][4] == "210 so far"
     assert rows["single_shot", "flip"][5] == f"{(40 + 3.4) / 2:.2f} so far"
+
+
+@pytest.mark.parametrize("params, fixed, name", [("utils/fashion_mnist.yaml", {}, "Fashion-MNIST"),
+                                                 ("utils/mnist.yaml", {}, "MNIST"),
+                                                 ("utils/fashion_mnist.yaml", {"type": "mnist"}, "MNIST")])
+def test_the_report_names_the_grids_dataset(grid, params, fixed, name):
+    spec = yaml.safe_load(grid.read_text())
+    spec["params"] = params
+    spec["fixed"].update(fixed)
+    grid.write_text(yaml.safe_dump(spec))
+    horizon.main([str(grid)])
+    heading = (grid.parent / "sweep" / "horizon.md").read_text().splitlines()[0]
+    assert heading == f"# sweep: {name}, every defense to round 212"
