@@ -160,10 +160,7 @@ def flip_rounds_table(flip_dir, none_dir):
 
 def dataset_name(grid):
     """The grid's dataset as a title says it: its fixed `type`, else the base YAML's."""
-    kind = grid["fixed"].get("type")
-    if kind is None:
-        with open(os.path.join(sweep.ROOT, grid["params"])) as f:
-            kind = (yaml.safe_load(f) or {}).get("type")
+    kind = sweep.setting(grid, {}, "type")
     return DATASET_NAMES.get(kind, str(kind))
 
 

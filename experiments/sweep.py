@@ -108,13 +108,19 @@ def overrides(grid, cell):
     return [f"{k}={json.dumps(v)}" for k, v in out.items() if not k.startswith("_")]
 
 
+def setting(grid, cell, key, default=None):
+    """A config key as the cell's run gets it: the cell's own value, else the grid's fixed one,
+    else the base YAML's (``default`` when none has it)."""
+    for source in (cell, grid["fixed"]):
+        if key in source:
+            return source[key]
+    with open(os.path.join(ROOT, grid["params"])) as f:
+        return (yaml.safe_load(f) or {}).get(key, default)
+
+
 def last_epoch(grid, cell):
     """The cell's last round: its `epochs` override, else the base YAML's."""
-    for source in (cell, grid["fixed"]):
-        if "epochs" in source:
-            return int(source["epochs"])
-    with open(os.path.join(ROOT, grid["params"])) as f:
-        return int((yaml.safe_load(f) or {}).get("epochs", 300))
+    return int(setting(grid, cell, "epochs", 300))
 
 
 def rounds_done(run_dir):

@@ -79,7 +79,6 @@ def test_the_run_plot_draws_ma_and_ba_per_round(tmp_path):
 def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(monkeypatch):
     import torch.nn.functional as F
 
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 25, 24, generator=g)  # odd height: max_pool2d drops the last row
     x[:, :, :8] = 0.5  # ties
@@ -119,7 +118,6 @@ def test_pooling_without_autograd_gives_max_pool2d_values_and_the_same_logits(mo
 
 
 def test_cpu_evaluation_in_chunks_gives_the_whole_batch_predictions_bit_for_bit():
-
     torch.manual_seed(2)
     model = mnist_net.MnistNet().train()
     x = torch.rand(2 * CPU_CHUNK + 44, 1, 28, 28)
