@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import helper  # noqa: E402
 from config import load_config  # noqa: E402
-from image_helper import load_arrays, trigger_mask, trigger_pixels  # noqa: E402
+from image_helper import image_shape, load_arrays, trigger_mask, trigger_pixels  # noqa: E402
 from inversion import Invert, invert_batch  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -78,12 +78,11 @@ def summarize(pairs, found, target, near_trigger, cap):
         if ok:
             sizes.setdefault(t, []).append(size)
     medians = {t: float(np.median(v)) for t, v in sorted(sizes.items())}
-    toward = [(size, share_on(mask, near_trigger)) for (s, t), (size, _, ok, mask) in zip(pairs, found)
-              if t == target and ok]
+    shares = [share_on(mask, near_trigger) for (s, t), (_, _, ok, mask) in zip(pairs, found) if t == target and ok]
     involving = [(size, ok) for (s, t), (size, _, ok, _) in zip(pairs, found) if target in (s, t)]
     return {"median_size_per_target": medians,
-            "target_median_share_near_trigger": float(np.median([share for _, share in toward])) if toward else None,
-            "target_pairs_found": len(toward),
+            "target_median_share_near_trigger": float(np.median(shares)) if shares else None,
+            "target_pairs_found": len(shares),
             "pairs_with_target_over_cap": sum(1 for size, ok in involving if not ok or size > cap),
             "pairs_with_target": len(involving)}
 
@@ -100,7 +99,7 @@ def main(argv=None):
     params = load_config(args.params, args.set + ["resumed_model=false"])
     fp = params["flip"]
     _, _, test_x, test_y = load_arrays(params)
-    shape, num_classes = tuple(test_x.shape[1:]), int(test_y.max()) + 1
+    shape, num_classes = image_shape(params)
     near_trigger = near(trigger_mask(trigger_pixels(params, -1), shape[1], shape[2]))
     cap = fp["max_trigger_frac"] * shape[1] * shape[2]
     target = params["poison_label_swap"]
