@@ -69,21 +69,29 @@ def share_on(mask, pixels):
     return float(mask[pixels].sum()) / max(float(mask.sum()), 1e-12)
 
 
-def summarize(pairs, found, target, near_trigger, cap):
+def pair_records(pairs, found, near_trigger, width):
+    """One record per pair: its trigger's size, stamped accuracy and success, the share of its
+    mask's L1 on ``near_trigger`` and the (row, column) of its largest mask value."""
+    return [{"source": s, "target": t, "size": size, "accuracy": acc, "success": ok,
+             "share_near_trigger": share_on(mask, near_trigger), "peak_pixel": divmod(int(mask.argmax()), width)}
+            for (s, t), (size, acc, ok, mask) in zip(pairs, found)]
+
+
+def summarize(records, target, cap):
     """The numbers of one checkpoint: per target label the median size of the successful triggers
-    toward it; for the attack's target the median share of its masks' L1 on ``near_trigger`` and
-    the pairs with the target as source or target whose trigger exceeds ``cap`` or was not found."""
+    toward it; for the attack's target the median share of its masks near the trigger and the
+    pairs with the target as source or target whose trigger exceeds ``cap`` or was not found."""
     sizes = {}
-    for (s, t), (size, _, ok, _) in zip(pairs, found):
-        if ok:
-            sizes.setdefault(t, []).append(size)
+    for r in records:
+        if r["success"]:
+            sizes.setdefault(r["target"], []).append(r["size"])
     medians = {t: float(np.median(v)) for t, v in sorted(sizes.items())}
-    shares = [share_on(mask, near_trigger) for (s, t), (_, _, ok, mask) in zip(pairs, found) if t == target and ok]
-    involving = [(size, ok) for (s, t), (size, _, ok, _) in zip(pairs, found) if target in (s, t)]
+    shares = [r["share_near_trigger"] for r in records if r["target"] == target and r["success"]]
+    involving = [r for r in records if target in (r["source"], r["target"])]
     return {"median_size_per_target": medians,
             "target_median_share_near_trigger": float(np.median(shares)) if shares else None,
             "target_pairs_found": len(shares),
-            "pairs_with_target_over_cap": sum(1 for size, ok in involving if not ok or size > cap),
+            "pairs_with_target_over_cap": sum(1 for r in involving if not r["success"] or r["size"] > cap),
             "pairs_with_target": len(involving)}
 
 
@@ -108,13 +116,10 @@ def main(argv=None):
     for path in args.checkpoints:
         model = build_model(params["model"], shape, num_classes)
         round_no = helper.load_reference_checkpoint(path, model, "checkpoint")
-        found = scan(model, pairs, requests, fp, shape, args.seed)
-        print(path, round_no, summarize(pairs, found, target, near_trigger, cap), flush=True)
-        rows += [{"file": path, "round": round_no, "source": s, "target": t, "size": round(size, 3),
-                  "accuracy": round(acc, 4), "success": ok,
-                  "share_near_trigger": round(share_on(mask, near_trigger), 4),
-                  "peak_pixel": divmod(int(mask.argmax()), shape[2])}
-                 for (s, t), (size, acc, ok, mask) in zip(pairs, found)]
+        records = pair_records(pairs, scan(model, pairs, requests, fp, shape, args.seed), near_trigger, shape[2])
+        print(path, round_no, summarize(records, target, cap), flush=True)
+        rows += [{"file": path, "round": round_no, **r, "size": round(r["size"], 3), "accuracy": round(r["accuracy"], 4),
+                  "share_near_trigger": round(r["share_near_trigger"], 4)} for r in records]
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, list(rows[0]))

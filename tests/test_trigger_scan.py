@@ -30,7 +30,8 @@ def test_summary_of_hand_made_results():
              (5.0, 0.91, True, mask_with([(0, 0), (3, 0), (3, 1), (3, 2)])),  # 1 of 4
              (12.0, 0.92, True, mask_with([(2, 2)])),
              (0.0, 0.40, False, torch.zeros(4, 4))]
-    summary = trigger_scan.summarize(pairs, found, target=2, near_trigger=near_trigger, cap=10.0)
+    records = trigger_scan.pair_records(pairs, found, near_trigger, width=4)
+    summary = trigger_scan.summarize(records, target=2, cap=10.0)
     assert summary["median_size_per_target"] == {0: 9.5, 1: 9.0, 2: 4.0}
     assert summary["target_median_share_near_trigger"] == pytest.approx((2 / 3 + 1 / 4) / 2)
     assert summary["target_pairs_found"] == 2
