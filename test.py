@@ -16,9 +16,9 @@ CPU_CHUNK = 128
 def predict(model, x, batch_size, mask=None):
     """Predicted labels and their softmax confidence for images ``x``, stamped with ``mask`` if
     given. On a CPU a forward pass takes at most ``CPU_CHUNK`` images, fewer than the usual
-    ``test_batch_size``: faster, because the first convolution's output then stays in the cache,
-    and the same numbers where an image's logits do not depend on the others in its batch, as on
-    the CPUs measured (tests/test_metrics.py checks it)."""
+    ``test_batch_size``: faster, because the first convolution's output then stays in the cache.
+    The labels are those of one whole-batch pass and the confidences equal them to float rounding
+    (tests/test_metrics.py checks it; docs/performance.md says where they are the same bits)."""
     was_training = model.training
     model.eval()
     step = batch_size if x.device.type != "cpu" else min(batch_size, CPU_CHUNK)
