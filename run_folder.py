@@ -8,6 +8,7 @@ message a second process prints.
 
 import csv
 import os
+import platform
 import subprocess
 import time
 
@@ -20,7 +21,8 @@ except ImportError:  # not a POSIX system: runs are not locked
     fcntl = None
 
 LOCK_FILE = ".lock"
-SEGMENT_COLUMNS = ["started", "first_round", "last_round", "commit", "dirty", "torch", "device", "threads"]
+SEGMENT_COLUMNS = ["started", "first_round", "last_round", "commit", "dirty", "torch", "device", "threads", "cpu",
+                   "gpu"]
 
 
 class RunFolderError(RuntimeError):
@@ -110,18 +112,36 @@ def describe_code(code):
     return f"commit {code['commit']}" + (" with uncommitted changes" if code["dirty"] else "")
 
 
+def cpu_description():
+    """The CPU's model name as the OS reports it and the instruction set torch's kernels use on it
+    (e.g. "AVX512"): the same seed gives the same numbers only on CPUs that agree on both."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+def gpu_description(device):
+    return torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else ""
+
+
 def record_segment(run_dir, first_round, last_round, device):
-    """Append to segments.csv which code runs rounds ``first_round``..``last_round`` of this run
-    (a row per start or resume); returns the row."""
+    """Append to segments.csv which code and hardware run rounds ``first_round``..``last_round`` of
+    this run (a row per start or resume); returns the row. A file written before a column existed
+    is rewritten with it, its earlier rows left blank there."""
     row = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "first_round": first_round, "last_round": last_round,
-           **code_version(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads()}
+           **code_version(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+           "cpu": cpu_description(), "gpu": gpu_description(device)}
+    rows = read_segments(run_dir) + [row]
     path = os.path.join(run_dir, "segments.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, SEGMENT_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, SEGMENT_COLUMNS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
     return row
 
 

@@ -271,8 +271,8 @@ def run(params, run_dir, device, resume=False, stop_requested=lambda: False):
         logger.info("resuming after round %d", fed.last_round)
     run_folder.write_params(run_dir, params)
     segment = run_folder.record_segment(run_dir, fed.last_round + 1, params["epochs"], device)
-    logger.info("rounds %d-%d run on %s", segment["first_round"], segment["last_round"],
-                run_folder.describe_code(segment))
+    logger.info("rounds %d-%d run on %s, %s", segment["first_round"], segment["last_round"],
+                run_folder.describe_code(segment), segment["gpu"] or segment["cpu"])
     keep = fed.last_round if resume else None
     metrics = helper.CsvLog(os.path.join(run_dir, "metrics.csv"), metric_columns(params), keep)
     clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), client_columns(params), keep)

@@ -277,3 +277,20 @@ def test_a_run_in_progress_elsewhere_does_not_mark_the_code_changed(tmp_path):
     with open(repo / "run_folder.py", "a") as f:
         f.write("\n# changed\n")
     assert copied.code_version()["dirty"] is True
+
+
+def test_segments_name_the_cpu_and_keep_the_rows_of_a_file_written_before_that_column(tmp_path):
+    old_header = "started,first_round,last_round,commit,dirty,torch,device,threads\n"
+    (tmp_path / "segments.csv").write_text(old_header + "2026-11-21 07:20:54,201,218,abc123,False,2.14.1,cpu,1\n")
+    run_folder.record_segment(str(tmp_path), 219, 300, "cpu")
+    with open(tmp_path / "segments.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == old_header.strip().split(",") + ["cpu", "gpu"]
+    assert rows[0] == ["2026-11-21 07:20:54", "201", "218", "abc123", "False", "2.14.1", "cpu", "1", "", ""]
+    assert rows[1][1:3] == ["219", "300"] and rows[1][6:8] == ["cpu", str(torch.get_num_threads())]
+    assert rows[1][8].endswith(f", torch {torch.backends.cpu.get_cpu_capability()}") and rows[1][9] == ""
+    if os.path.exists("/proc/cpuinfo"):
+        models = [line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        if models:
+            assert rows[1][8].startswith(models[0] + ",")
+    assert not (tmp_path / "segments.csv.tmp").exists()
