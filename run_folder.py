@@ -115,12 +115,13 @@ def describe_code(code):
 def cpu_description():
     """The CPU's model name as the OS reports it and the instruction set torch's kernels use on it
     (e.g. "AVX512"): the same seed gives the same numbers only on CPUs that agree on both."""
-    model = platform.processor() or "unknown CPU"
+    model = None
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         pass
+    model = model or platform.processor() or "unknown CPU"
     return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -129,9 +130,10 @@ def gpu_description(device):
 
 
 def record_segment(run_dir, first_round, last_round, device):
-    """Append to segments.csv which code and hardware run rounds ``first_round``..``last_round`` of
-    this run (a row per start or resume); returns the row. A file written before a column existed
-    is rewritten with it, its earlier rows left blank there."""
+    """Add to segments.csv a row saying which code and hardware run rounds
+    ``first_round``..``last_round`` of this run (a row per start or resume); returns the row. The
+    file is rewritten aside and swapped in, so that rows of a file written before a column existed
+    gain it, left blank."""
     row = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "first_round": first_round, "last_round": last_round,
            **code_version(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
            "cpu": cpu_description(), "gpu": gpu_description(device)}
