@@ -4,13 +4,18 @@
     python bench/gpu_check.py --out DIR              # on the CUDA machine (bench/gpu_bundle carried)
     python bench/gpu_check.py --rehearse --out DIR   # on the CPU, tiny budget, synthetic data
 
-Steps, each a subprocess with its own time limit, skipped once the deadline is near:
-  smoke       the tests that run main.py, on the device (FLIP_TEST_DEVICE)
-  round       one Fashion-MNIST FLIP round (201, ten first-time clients, the shipped model): batched
-              and sequential executors, each at the reference and the adaptive budget, MA/BA
-  five_rounds five FLIP rounds through main.py, and a 100-round projection from their mean
-  cifar       the CIFAR-10 synthetic bench round at the full budget
+Steps, each a subprocess with its own time limit, skipped once the deadline is near. A full-budget
+FLIP round took about 300 s on an H200 (docs/performance.md), so the rounds here run at a fraction
+of the reference budget, and the first step asks why a round costs that much:
+  solver      one batched inversion call (ten requests of 17 images, 200 Adam steps), profiled:
+              milliseconds per step against the GPU kernels' own time per step, kernel launches
+              and host synchronisations (bench/solver_time.py --profile)
+  round       one Fashion-MNIST FLIP round (201, ten first-time clients, the shipped model) at 10 %
+              of the reference budget, batched, reference and adaptive budget, MA/BA and a
+              full-budget estimate
   agreement   the same seed on the CPU and on the device: MA/BA per round, within a tolerance
+  smoke       the tests that run main.py, on the device (FLIP_TEST_DEVICE)
+  cifar       the CIFAR-10 synthetic bench round (ten clients) at 5 % of the budget
 Writes DIR/gpu_check.json and DIR/gpu_check.txt. Without CUDA (and without --rehearse) it exits
 at once with one line.
 """
@@ -99,10 +104,9 @@ def plan(args, device, work):
     data = (["--set", "type=synthetic", "--set", "synthetic_train_size=600", "--set", "synthetic_test_size=200",
              "--set", "resumed_model=false"] if r else [])
     bench_data = ["--synthetic", "--set", "synthetic_train_size=600", "--set", "synthetic_test_size=200"] if r else []
-    scale = ["--budget-scale", "0.01", "--clients", "2"] if r else []
+    scale = ["--budget-scale", "0.01", "--clients", "2"] if r else ["--budget-scale", "0.1"]
     tests = (["tests/test_defense.py", "-k", "flame_run"] if r else
              ["tests/test_run.py", "tests/test_datasets_e2e.py", "tests/test_defense.py", "tests/test_baselines.py"])
-    rounds = 2 if r else 5
     first = 1 if r else 201
     flip_small = budget_overrides(0.01 if r else 0.1)
 
@@ -120,24 +124,18 @@ def plan(args, device, work):
                 "device": [[float(x[k]) for k in TOLERANCE] for x in rows["device"]],
                 "agree": all(diffs[k] <= TOLERANCE[k] for k in TOLERANCE)}
 
-    def projection(_out):
-        rows = read_rows(os.path.join(work, "five_rounds"))
-        seconds = [float(x["seconds"]) for x in rows]
-        return {"round_seconds": seconds, "mean_seconds": round(sum(seconds) / len(seconds), 2),
-                "projected_100_rounds_seconds": round(100 * sum(seconds) / len(seconds), 1),
-                "main_acc": [float(x["main_acc"]) for x in rows], "backdoor_acc": [float(x["backdoor_acc"]) for x in rows]}
-
     return [
-        ("smoke", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 240, smoke_counts),
-        ("round", [py, "bench/round_time.py", "--device", device, "--compare", "--adaptive", *bench_data, *scale],
-         240, json_lines),
-        ("five_rounds", main_run("five_rounds", device, first + rounds - 1, agree if r else ["--set", "invert=true"]),
-         240, projection),
-        ("cifar", [py, "bench/round_time.py", "--params", "utils/cifar.yaml", "--synthetic", "--device", device,
-                   *(["--set", "synthetic_train_size=200", "--budget-scale", "0.005", "--clients", "1"] if r else [])],
+        ("solver", [py, "bench/solver_time.py", "--device", device, "--profile",
+                    *(["--images", "4", "--requests", "2", "--steps", "5", "--repeats", "1"] if r else
+                      ["--images", "17", "--requests", "10", "--steps", "200"])], 120, json_lines),
+        ("round", [py, "bench/round_time.py", "--device", device, "--adaptive", *bench_data, *scale],
          180, json_lines),
         ("agreement_device", main_run("agree_device", device, first + 1, agree), 120, None),
         ("agreement", main_run("agree_cpu", "cpu", first + 1, agree), 240, agreement),
+        ("smoke", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 240, smoke_counts),
+        ("cifar", [py, "bench/round_time.py", "--params", "utils/cifar.yaml", "--synthetic", "--device", device,
+                   *(["--set", "synthetic_train_size=200", "--budget-scale", "0.005", "--clients", "1"] if r else
+                     ["--budget-scale", "0.05"])], 180, json_lines),
     ]
 
 
@@ -154,12 +152,16 @@ def summary_text(report):
         result = step.get("result")
         if name == "smoke" and result:
             head += f"; {result}"
+        elif name == "solver" and result:
+            x = result[-1]
+            head += (f"; {x.get('ms_per_step')} ms/step ({x.get('path')}), {x.get('aten_calls_per_step')} operator "
+                     f"calls/step" + (f", {x['kernels_per_step']} kernels/step, {x['kernel_ms_per_step']} kernel "
+                                      f"ms/step, {x['host_syncs']} host syncs" if "kernels_per_step" in x else ""))
         elif name in ("round", "cifar") and result:
             head += "; " + "; ".join(f"{x.get('mode')}{' adaptive' if x.get('adaptive_budget') else ''} "
-                                     f"{x.get('round_seconds')} s MA {x.get('main_acc')} BA {x.get('backdoor_acc')}"
+                                     f"{x.get('round_seconds')} s (full budget ~ {x.get('full_budget_estimate')} s) "
+                                     f"MA {x.get('main_acc')} BA {x.get('backdoor_acc')}"
                                      for x in result if "round_seconds" in x)
-        elif name == "five_rounds" and result:
-            head += f"; rounds {result['round_seconds']} s, 100 rounds ~ {result['projected_100_rounds_seconds']} s"
         elif name == "agreement" and result:
             head += f"; max |diff| {result['max_abs_diff']} (tolerance {result['tolerance']}): " \
                     f"{'agree' if result['agree'] else 'DISAGREE'}"
