@@ -9,7 +9,8 @@ FLIP round took about 300 s on an H200 (docs/performance.md), so the rounds here
 of the reference budget, and the first step asks why a round costs that much:
   solver      one batched inversion call (ten requests of 17 images, 200 Adam steps), profiled:
               milliseconds per step against the GPU kernels' own time per step, kernel launches
-              and host synchronisations (bench/solver_time.py --profile)
+              and host synchronisations (bench/solver_time.py --profile); then the same with
+              cuDNN's algorithm search on, and with the per-request pass instead of the vmapped one
   round       one Fashion-MNIST FLIP round (201, ten first-time clients, the shipped model) at 10 %
               of the reference budget, batched, reference and adaptive budget, MA/BA and a
               full-budget estimate
@@ -125,9 +126,12 @@ def plan(args, device, work):
                 "agree": all(diffs[k] <= TOLERANCE[k] for k in TOLERANCE)}
 
     return [
-        ("solver", [py, "bench/solver_time.py", "--device", device, "--profile",
-                    *(["--images", "4", "--requests", "2", "--steps", "5", "--repeats", "1"] if r else
-                      ["--images", "17", "--requests", "10", "--steps", "200"])], 120, json_lines),
+        *[(name, [py, "bench/solver_time.py", "--device", device, "--profile", *flags,
+                  *(["--images", "4", "--requests", "2", "--steps", "5", "--repeats", "1"] if r else
+                    ["--images", "17", "--requests", "10", "--steps", "200"])], 90, json_lines)
+          for name, flags in (("solver", ["--path", "vmapped"]),
+                              ("solver_cudnn_benchmark", ["--path", "vmapped", "--cudnn-benchmark"]),
+                              ("solver_per_request", ["--path", "per_request"]))],
         ("round", [py, "bench/round_time.py", "--device", device, "--adaptive", *bench_data, *scale],
          180, json_lines),
         ("agreement_device", main_run("agree_device", device, first + 1, agree), 120, None),
@@ -152,7 +156,7 @@ def summary_text(report):
         result = step.get("result")
         if name == "smoke" and result:
             head += f"; {result}"
-        elif name == "solver" and result:
+        elif name.startswith("solver") and result:
             x = result[-1]
             head += (f"; {x.get('ms_per_step')} ms/step ({x.get('path')}), {x.get('aten_calls_per_step')} operator "
                      f"calls/step" + (f", {x['kernels_per_step']} kernels/step, {x['kernel_ms_per_step']} kernel "

@@ -5,12 +5,15 @@ caller's thread, and the call's set-up).
     OMP_NUM_THREADS=2 python bench/solver_time.py                            # ten requests of 4-48 images, 60 steps
     OMP_NUM_THREADS=2 python bench/solver_time.py --images 22 --requests 10 --steps 100
     python bench/solver_time.py --device cuda --images 17 --requests 10 --steps 200 --profile
-    OMP_NUM_THREADS=1 python bench/solver_time.py --vmapped --images 1 --requests 10 --steps 200 --profile
+    OMP_NUM_THREADS=1 python bench/solver_time.py --path vmapped --images 1 --requests 10 --steps 200 --profile
 
 A microbenchmark for work on the kernel: a round's inversions are such calls, with one request
 per client (bench/round_time.py times a whole round). Prints one JSON line: the median of
 ``--repeats`` timed calls after one warm-up call, the milliseconds per Adam step, and the share
-inside the requests' passes (the per-request path, a CPU's default; the vmapped path has none).
+inside the requests' passes (the per-request path, a CPU's default; the vmapped path, an
+accelerator's default, has none). ``--path`` picks either on any device, and
+``--cudnn-benchmark`` lets cuDNN time its convolution algorithms first (the vmapped pass turns the
+clients' convolutions into grouped ones).
 ``--profile`` adds one more call under torch.profiler: operator calls per step and, on CUDA,
 kernel launches per step, the kernels' own time per step and the host synchronisations of the call
 counted by ``torch.cuda.set_sync_debug_mode`` (the results' reads at its end are a handful; the
@@ -89,9 +92,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--profile", action="store_true", help="operator, kernel and host-sync counts of one more call")
-    p.add_argument("--vmapped", action="store_true", help="the vmapped pass (an accelerator's default) on a CPU too")
+    p.add_argument("--path", choices=["default", "per_request", "vmapped"], default="default",
+                   help="the Solver's pass (default: per_request on a CPU, vmapped on an accelerator)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     args = p.parse_args()
     device = torch.device(args.device)
+    path = args.path if args.path != "default" else "per_request" if device.type == "cpu" else "vmapped"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     sizes = [int(s) for s in args.images.split(",")] * (args.requests or 1)
     torch.manual_seed(0)
     shape = (1, 28, 28)
@@ -113,7 +120,7 @@ def main():
     def call():
         inversion.invert_batch(model, params, buffers, requests, fp, shape,
                                [torch.Generator(device=device).manual_seed(i) for i in range(len(requests))],
-                               per_request=False if args.vmapped else None)
+                               per_request=None if args.path == "default" else args.path == "per_request")
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -130,7 +137,7 @@ def main():
               "ms_per_step": round(1000 * seconds / args.steps, 2),
               "share_in_request_passes": round(statistics.median(shares), 3), "images": sizes,
               "steps": args.steps, "device": args.device,
-              "path": "per_request" if device.type == "cpu" and not args.vmapped else "vmapped",
+              "path": path, "cudnn_benchmark": args.cudnn_benchmark,
               "threads": torch.get_num_threads()}
     if args.profile:
         report.update(profile_call(call, device, args.steps))

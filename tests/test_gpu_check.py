@@ -39,11 +39,14 @@ def test_rehearsal_gives_every_number(tmp_path, monkeypatch):
     assert gpu_check.main(["--rehearse", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["solver", "round", "agreement_device", "agreement", "smoke", "cifar"]
+    assert list(steps) == ["solver", "solver_cudnn_benchmark", "solver_per_request", "round", "agreement_device",
+                           "agreement", "smoke", "cifar"]
     assert all(s["exit"] == 0 for s in steps.values())
     assert steps["smoke"]["result"] == {"passed": 1}
+    variants = [(x["path"], x["cudnn_benchmark"]) for name in list(steps)[:3] for x in steps[name]["result"]]
+    assert variants == [("vmapped", False), ("vmapped", True), ("per_request", False)]
     (solver,) = steps["solver"]["result"]
-    assert solver["steps"] == 5 and solver["images"] == [4, 4] and solver["path"] == "per_request"
+    assert solver["steps"] == 5 and solver["images"] == [4, 4]
     assert solver["ms_per_step"] == pytest.approx(1000 * solver["seconds"] / 5, abs=0.11)  # seconds: 3 decimals
     assert solver["aten_calls_per_step"] > 0 and "kernels_per_step" not in solver  # no CUDA, no kernel counts
     modes = [(x["mode"], x["adaptive_budget"]) for x in steps["round"]["result"] if "mode" in x]
@@ -59,7 +62,7 @@ def test_rehearsal_gives_every_number(tmp_path, monkeypatch):
     assert agreement["cpu"] == [[float(r["main_acc"]), float(r["backdoor_acc"])] for r in cpu]
     assert agreement["device"] == [[float(r["main_acc"]), float(r["backdoor_acc"])] for r in dev]
     text = (tmp_path / "gpu_check.txt").read_text()
-    assert "rehearsal" in text and f"{solver['ms_per_step']} ms/step (per_request)" in text and ": agree" in text
+    assert "rehearsal" in text and f"{solver['ms_per_step']} ms/step (vmapped)" in text and ": agree" in text
     assert "full budget ~" in text
 
 
