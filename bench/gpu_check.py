@@ -5,7 +5,7 @@
     python bench/gpu_check.py --rehearse --out DIR   # on the CPU, tiny budget, synthetic data
 
 Steps, each a subprocess with its own time limit, skipped once the deadline is near. A full-budget
-FLIP round took about 300 s on an H200 (docs/performance.md), so the rounds here run at a fraction
+FLIP round takes minutes on a GPU too (docs/performance.md), so the rounds here run at a fraction
 of the reference budget, and the first step asks why a round costs that much:
   solver      one batched inversion call (ten requests of 17 images, 200 Adam steps), profiled:
               milliseconds per step against the GPU kernels' own time per step, kernel launches

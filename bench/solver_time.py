@@ -64,19 +64,20 @@ def profile_call(call, device, steps):
     synchronisations inside it."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with warnings.catch_warnings(record=True) as caught, profile(activities=activities) as prof:
         warnings.simplefilter("always")
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
             call()
         finally:
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.set_sync_debug_mode("default")
     events = prof.key_averages()
     out = {"aten_calls_per_step": round(sum(e.count for e in events if e.key.startswith("aten::")) / steps, 1)}
-    if device.type == "cuda":
+    if cuda:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         out["kernels_per_step"] = round(sum(e.count for e in kernels) / steps, 1)
         out["kernel_ms_per_step"] = round(sum(e.self_device_time_total for e in kernels) / 1000 / steps, 3)
@@ -120,7 +121,7 @@ def main():
     def call():
         inversion.invert_batch(model, params, buffers, requests, fp, shape,
                                [torch.Generator(device=device).manual_seed(i) for i in range(len(requests))],
-                               per_request=None if args.path == "default" else args.path == "per_request")
+                               per_request=path == "per_request")
         if device.type == "cuda":
             torch.cuda.synchronize()
 
