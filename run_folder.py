@@ -147,6 +147,19 @@ def record_segment(run_dir, first_round, last_round, device):
     return row
 
 
+def repeatability_changes(segments):
+    """What the last segment runs on that the one before did not, among the settings a run repeats
+    bit for bit only where they agree: the CPU thread count (matrix products and convolution
+    gradients split their sums by thread), the torch build, the device, the CPU and the GPU.
+    Returns "name: before -> now" strings; a value the earlier row left blank (not recorded
+    then) is not compared."""
+    if len(segments) < 2:
+        return []
+    before, now = segments[-2], segments[-1]
+    return [f"{name}: {before[name]} -> {now.get(name, '')}" for name in ("threads", "torch", "device", "cpu", "gpu")
+            if before.get(name) not in (None, "") and str(before[name]) != str(now.get(name, ""))]
+
+
 def read_segments(run_dir):
     path = os.path.join(run_dir, "segments.csv")
     if not os.path.exists(path):

@@ -273,6 +273,11 @@ def run(params, run_dir, device, resume=False, stop_requested=lambda: False):
     segment = run_folder.record_segment(run_dir, fed.last_round + 1, params["epochs"], device)
     logger.info("rounds %d-%d run on %s, %s", segment["first_round"], segment["last_round"],
                 run_folder.describe_code(segment), segment["gpu"] or segment["cpu"])
+    changes = run_folder.repeatability_changes(run_folder.read_segments(run_dir))
+    if changes:
+        logger.warning("rounds %d-%d run with other settings than the rounds before (%s): from here the "
+                       "numbers do not repeat bit for bit those of a run that kept them (segments.csv)",
+                       segment["first_round"], segment["last_round"], "; ".join(changes))
     keep = fed.last_round if resume else None
     metrics = helper.CsvLog(os.path.join(run_dir, "metrics.csv"), metric_columns(params), keep)
     clients = helper.CsvLog(os.path.join(run_dir, "clients.csv"), client_columns(params), keep)

@@ -279,6 +279,29 @@ def test_a_run_in_progress_elsewhere_does_not_mark_the_code_changed(tmp_path):
     assert copied.code_version()["dirty"] is True
 
 
+def test_repeatability_changes_name_what_differs_from_the_segment_before():
+    before = {"threads": "1", "torch": "2.14.1", "device": "cpu", "cpu": "", "gpu": "", "commit": "abc"}
+    same = {**before, "cpu": "Intel(R) Xeon(R) Processor, torch AVX512", "commit": "def"}
+    assert run_folder.repeatability_changes([before]) == []
+    assert run_folder.repeatability_changes([before, same]) == []  # a blank earlier value is not compared
+    moved = {**same, "threads": 2, "device": "cuda", "gpu": "NVIDIA H200"}
+    assert run_folder.repeatability_changes([before, same, moved]) == ["threads: 1 -> 2", "device: cpu -> cuda"]
+    assert run_folder.repeatability_changes([moved, {**moved, "torch": "2.15.0"}]) == ["torch: 2.14.1 -> 2.15.0"]
+
+
+@pytest.mark.slow
+def test_a_resume_at_another_thread_count_warns_once(tmp_path, synthetic_yaml):
+    run_dir = tmp_path / "run"
+    path = synthetic_yaml({"epochs": 1})
+    assert run_main("--params", path, "--run-dir", run_dir, "--device", "cpu", "--threads", "1").returncode == 0
+    for epochs, warned in ((2, True), (3, False)):
+        result = run_main("--resume", run_dir, "--set", f"epochs={epochs}", "--device", "cpu", "--threads", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("threads: 1 -> 2" in result.stderr) is warned
+    assert [s["threads"] for s in run_folder.read_segments(run_dir)] == ["1", "2", "2"]
+    assert "threads: 1 -> 2" in (run_dir / "log.txt").read_text()
+
+
 def test_segments_name_the_cpu_and_keep_the_rows_of_a_file_written_before_that_column(tmp_path):
     old_header = "started,first_round,last_round,commit,dirty,torch,device,threads\n"
     (tmp_path / "segments.csv").write_text(old_header + "2026-11-21 07:20:54,201,218,abc123,False,2.14.1,cpu,1\n")
