@@ -23,6 +23,8 @@ except ImportError:  # not a POSIX system: runs are not locked
 LOCK_FILE = ".lock"
 SEGMENT_COLUMNS = ["started", "first_round", "last_round", "commit", "dirty", "torch", "device", "threads", "cpu",
                    "gpu"]
+# the segment columns a run repeats bit for bit only where they agree
+REPEATABILITY_COLUMNS = ("threads", "torch", "device", "cpu", "gpu")
 
 
 class RunFolderError(RuntimeError):
@@ -131,9 +133,9 @@ def gpu_description(device):
 
 def record_segment(run_dir, first_round, last_round, device):
     """Add to segments.csv a row saying which code and hardware run rounds
-    ``first_round``..``last_round`` of this run (a row per start or resume); returns the row. The
-    file is rewritten aside and swapped in, so that rows of a file written before a column existed
-    gain it, left blank."""
+    ``first_round``..``last_round`` of this run (a row per start or resume); returns every row,
+    this one last. The file is rewritten aside and swapped in, so that rows of a file written
+    before a column existed gain it, left blank."""
     row = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "first_round": first_round, "last_round": last_round,
            **code_version(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
            "cpu": cpu_description(), "gpu": gpu_description(device)}
@@ -144,7 +146,7 @@ def record_segment(run_dir, first_round, last_round, device):
         writer.writeheader()
         writer.writerows(rows)
     os.replace(path + ".tmp", path)
-    return row
+    return rows
 
 
 def repeatability_changes(segments):
@@ -156,7 +158,7 @@ def repeatability_changes(segments):
     if len(segments) < 2:
         return []
     before, now = segments[-2], segments[-1]
-    return [f"{name}: {before[name]} -> {now.get(name, '')}" for name in ("threads", "torch", "device", "cpu", "gpu")
+    return [f"{name}: {before[name]} -> {now.get(name, '')}" for name in REPEATABILITY_COLUMNS
             if before.get(name) not in (None, "") and str(before[name]) != str(now.get(name, ""))]
 
 

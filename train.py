@@ -270,10 +270,11 @@ def run(params, run_dir, device, resume=False, stop_requested=lambda: False):
         fed.restore(helper.load_full_checkpoint(ckpt_path))
         logger.info("resuming after round %d", fed.last_round)
     run_folder.write_params(run_dir, params)
-    segment = run_folder.record_segment(run_dir, fed.last_round + 1, params["epochs"], device)
+    segments = run_folder.record_segment(run_dir, fed.last_round + 1, params["epochs"], device)
+    segment = segments[-1]
     logger.info("rounds %d-%d run on %s, %s", segment["first_round"], segment["last_round"],
                 run_folder.describe_code(segment), segment["gpu"] or segment["cpu"])
-    changes = run_folder.repeatability_changes(run_folder.read_segments(run_dir))
+    changes = run_folder.repeatability_changes(segments)
     if changes:
         logger.warning("rounds %d-%d run with other settings than the rounds before (%s): from here the "
                        "numbers do not repeat bit for bit those of a run that kept them (segments.csv)",

@@ -305,7 +305,8 @@ def test_a_resume_at_another_thread_count_warns_once(tmp_path, synthetic_yaml):
 def test_segments_name_the_cpu_and_keep_the_rows_of_a_file_written_before_that_column(tmp_path):
     old_header = "started,first_round,last_round,commit,dirty,torch,device,threads\n"
     (tmp_path / "segments.csv").write_text(old_header + "2026-11-21 07:20:54,201,218,abc123,False,2.14.1,cpu,1\n")
-    run_folder.record_segment(str(tmp_path), 219, 300, "cpu")
+    returned = run_folder.record_segment(str(tmp_path), 219, 300, "cpu")
+    assert [(r["first_round"], r["last_round"]) for r in returned] == [("201", "218"), (219, 300)]
     with open(tmp_path / "segments.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
     assert header == old_header.strip().split(",") + ["cpu", "gpu"]
