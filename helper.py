@@ -48,6 +48,18 @@ def generator(device, *keys):
     return torch.Generator(device=device).manual_seed(derived_seed(*keys))
 
 
+def use_repeatable_kernels(device):
+    """On CUDA, make the same seed give the same bits: cuDNN and PyTorch pick deterministic
+    algorithms (an op without one warns) and cuBLAS a fixed workspace. The CPU is left as it is,
+    where runs already repeat at a fixed thread count."""
+    if torch.device(device).type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class PhaseTimer:
     """Accumulates wall seconds per named phase (synchronising CUDA so that GPU work counts)."""
 

@@ -92,6 +92,7 @@ class Federation:
         self.attack = attacks.ATTACKS[params["attack"]]
         self.client_defense = defenses.active_client_defense(params)
         torch.manual_seed(params["seed"])
+        helper.use_repeatable_kernels(device)
         self.data = load_federated_data(params, device, self.rule.root_set_size(params))
         self.model = build_model(params["model"], self.data.image_shape, self.data.num_classes).to(device)
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]

@@ -84,6 +84,35 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, synthetic_yaml, monkey
         assert a.read() == b.read()
 
 
+def test_a_run_asks_for_repeatable_kernels_on_cuda_only(synthetic_yaml, monkeypatch):
+    """Without deterministic kernels two CUDA runs of one seed differ in the last bits (the resume
+    test above failed on an H200); the CPU's numbers must stay as they are."""
+    import config
+    import helper
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+        helper.use_repeatable_kernels("cpu")
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        helper.use_repeatable_kernels("cuda:0")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    asked = []
+    monkeypatch.setattr(helper, "use_repeatable_kernels", asked.append)
+    train.Federation(config.load_config(synthetic_yaml()), None, "cpu")
+    assert asked == ["cpu"]
+
+
 def test_sigusr1_stops_after_the_round_in_progress_and_the_resume_matches(tmp_path, synthetic_yaml, monkeypatch):
     import signal
 
